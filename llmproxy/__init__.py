@@ -1,0 +1,3 @@
+"""llmproxy: an observability proxy for LLM providers."""
+
+__version__ = "0.1.0"

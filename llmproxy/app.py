@@ -1,0 +1,122 @@
+"""The application factory: wires configuration, listeners and telemetry.
+
+``Proxy`` owns the proxy and admin listeners, the upstream clients and the
+telemetry sinks; it does no request work itself. ``start`` binds both ports (a
+port of 0 picks a free one, for tests) and ``stop`` drains and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from .admin import admin_app
+from .config import Config
+from .forward import Forwarder
+from .telemetry import Recorder, Sink
+from .telemetry.logging import log_exchange
+from .upstream import UpstreamClient, new_clients
+
+log = logging.getLogger(__name__)
+
+
+class Proxy:
+    """A running llmproxy: listeners, upstream clients and telemetry."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        sinks: list[Sink] | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.recorder = Recorder(sinks if sinks is not None else self._default_sinks())
+        self.clients: dict[str, UpstreamClient] = {}
+        self.ready = False
+        self.not_ready_reason = "starting"
+        self._runners: list[web.BaseRunner] = []
+        self.proxy_address: tuple[str, int] = config.server.listen
+        self.admin_address: tuple[str, int] = config.server.admin_listen
+
+    def _default_sinks(self) -> list[Sink]:
+        return [log_exchange] if self.config.telemetry.log_requests else []
+
+    @property
+    def proxy_url(self) -> str:
+        return _url(self.proxy_address)
+
+    @property
+    def admin_url(self) -> str:
+        return _url(self.admin_address)
+
+    async def start(self) -> None:
+        """Bind both listeners; raises ``OSError`` if a port cannot be bound."""
+        self.clients = new_clients(self.config.upstreams)
+        forwarder = Forwarder(self.config, self.clients, self.recorder)
+        server = web.Server(
+            forwarder,
+            handler_cancellation=True,
+            access_log=None,
+        )
+        grace = self.config.server.drain_grace
+        proxy_runner = web.ServerRunner(server, shutdown_timeout=grace)
+        admin_runner = web.AppRunner(
+            admin_app(self), access_log=None, shutdown_timeout=1.0
+        )
+        try:
+            self.proxy_address = await _listen(proxy_runner, self.config.server.listen)
+            self._runners.append(proxy_runner)
+            self.admin_address = await _listen(
+                admin_runner, self.config.server.admin_listen
+            )
+            self._runners.append(admin_runner)
+        except BaseException:
+            await self.stop()
+            raise
+        self.ready = True
+        self.not_ready_reason = ""
+        log.info("proxy.started", extra={"fields": {
+            "listen": self.proxy_url, "admin_listen": self.admin_url,
+            "config": self.config.source,
+        }})
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish up to the drain grace, close."""
+        self.ready = False
+        self.not_ready_reason = "shutting down"
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        for client in self.clients.values():
+            await client.close()
+        self.recorder.flush()
+
+    def health_report(self) -> dict[str, Any]:
+        """The ``/health`` document."""
+        upstreams = {
+            name: {"status": "UP", "url": u.url, "api": u.api}
+            for name, u in self.config.upstreams.items()
+        }
+        return {"status": "UP", "ready": self.ready, "upstreams": upstreams}
+
+
+async def _listen(runner: web.BaseRunner, address: tuple[str, int]) -> tuple[str, int]:
+    await runner.setup()
+    site = web.TCPSite(runner, address[0], address[1])
+    await site.start()
+    bound = runner.addresses[0]
+    return str(bound[0]), int(bound[1])
+
+
+def _url(address: tuple[str, int]) -> str:
+    host, port = address
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"

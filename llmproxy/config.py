@@ -1,0 +1,514 @@
+"""Configuration: the YAML schema, its defaults and its validation.
+
+``load_config`` either returns a complete ``Config`` or raises ``ConfigError`` with
+every problem found, each as ``path.to.field: what is wrong``. Nothing is started
+from a configuration that has a problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError
+
+APIS = ("openai", "anthropic")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 60.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    failures: int = 5
+    window: float = 10.0
+    reset_after: float = 30.0
+    half_open_trials: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int = 2
+    backoff: float = 0.25
+    max_retry_after: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    path: str | None = None
+    interval: float = 15.0
+    timeout: float = 5.0
+    degraded_latency: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    api: str = "openai"
+    provider: str = "openai"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    breaker: Breaker = field(default_factory=Breaker)
+    retries: Retries = field(default_factory=Retries)
+    max_concurrency: int = 512
+    max_queue: int = 1024
+    health: Health = field(default_factory=Health)
+    # Ask OpenAI-dialect streams for usage when the client did not; some compatible
+    # servers reject stream_options, so an operator can turn it off per upstream.
+    inject_stream_usage: bool = True
+
+    @property
+    def sets_credentials(self) -> bool:
+        return any(k.lower() in _CREDENTIAL_HEADERS for k in self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    prefix: str
+    upstream: str
+    name: str
+    strip_prefix: bool = False
+    models: tuple[str, ...] = ()
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    admin_listen: tuple[str, int] = ("0.0.0.0", 9090)
+    max_body_bytes: int = 16 * 1024 * 1024
+    drain_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    max_models: int = 50
+    log_requests: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input: float
+    output: float
+    cached_input: float | None = None
+    cache_creation_input: float | None = None
+    reasoning: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: Server
+    upstreams: Mapping[str, Upstream]
+    routes: tuple[Route, ...]
+    pricing: Mapping[str, Price] = field(default_factory=dict)
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    source: str = "<built-in>"
+
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "server": {"listen": "0.0.0.0:8080", "admin_listen": "0.0.0.0:9090"},
+    "upstreams": {
+        "openai": {"url": "https://api.openai.com", "api": "openai"},
+        "anthropic": {"url": "https://api.anthropic.com", "api": "anthropic"},
+    },
+    "routes": [
+        {"prefix": "/anthropic", "upstream": "anthropic", "strip_prefix": True},
+        {"prefix": "/v1", "upstream": "openai"},
+    ],
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``250ms``, ``5s``, ``10m``, ``1h`` or a plain number."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 250ms, 5s or 10m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 250ms, 5s or 10m, got {value!r}")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_address(value: object) -> tuple[str, int]:
+    """``host:port`` (``[::1]:8080`` for IPv6) into a host and a port."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"expected host:port, got {value!r}")
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid port in {value!r}")
+    return host, int(port)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate a file, ``$LLMPROXY_CONFIG``, or the built-in default."""
+    path = path or os.environ.get("LLMPROXY_CONFIG") or None
+    if path is None:
+        return build_config(DEFAULT_CONFIG)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}"]) from exc
+    return build_config(raw, source=str(path))
+
+
+def build_config(raw: object, source: str = "<built-in>") -> Config:
+    """Validate a parsed YAML document; raise ``ConfigError`` listing every problem."""
+    v = _Validator()
+    raw = v.expand_env(raw, "")
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): expected a mapping with server, upstreams, routes"])
+    v.unknown(raw, "", {"server", "upstreams", "routes", "pricing", "telemetry"})
+
+    server = v.server(raw.get("server") or {}, "server")
+    upstreams = v.upstreams(raw.get("upstreams"), "upstreams")
+    routes = v.routes(raw.get("routes"), "routes", upstreams)
+    pricing = v.pricing(raw.get("pricing") or {}, "pricing")
+    telemetry = v.telemetry(raw.get("telemetry") or {}, "telemetry")
+
+    if v.problems:
+        raise ConfigError(v.problems)
+    return Config(server, upstreams, routes, pricing, telemetry, source)
+
+
+class _Validator:
+    """Collects problems while building typed sections, so all are reported at once."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append(f"{path or '(top level)'}: {message}")
+
+    def expand_env(self, value: object, path: str) -> object:
+        if isinstance(value, str):
+            return _ENV.sub(lambda m: self._env(m, path), value)
+        if isinstance(value, dict):
+            return {k: self.expand_env(x, _join(path, str(k))) for k, x in value.items()}
+        if isinstance(value, list):
+            return [self.expand_env(x, f"{path}[{i}]") for i, x in enumerate(value)]
+        return value
+
+    def _env(self, match: re.Match[str], path: str) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is None:
+            if default is not None:
+                return default
+            self.fail(path, f"environment variable {name} is not set")
+            return ""
+        return value
+
+    def unknown(self, raw: Mapping[str, Any], path: str, known: set[str]) -> None:
+        for key in raw:
+            if key not in known:
+                self.fail(_join(path, str(key)), f"unknown key (expected one of: "
+                          f"{', '.join(sorted(known))})")
+
+    def mapping(self, raw: object, path: str) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.fail(path, "expected a mapping")
+            return {}
+        return raw
+
+    def duration(self, raw: Mapping[str, Any], key: str, path: str, default: float) -> float:
+        if key not in raw:
+            return default
+        try:
+            return parse_duration(raw[key])
+        except ValueError as exc:
+            self.fail(_join(path, key), str(exc))
+            return default
+
+    def integer(
+        self, raw: Mapping[str, Any], key: str, path: str, default: int, minimum: int = 0
+    ) -> int:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(_join(path, key), f"expected an integer, got {value!r}")
+            return default
+        if value < minimum:
+            self.fail(_join(path, key), f"must be at least {minimum}")
+            return default
+        return value
+
+    def boolean(self, raw: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(_join(path, key), f"expected true or false, got {value!r}")
+            return default
+        return value
+
+    def address(self, raw: Mapping[str, Any], key: str, path: str,
+                default: tuple[str, int]) -> tuple[str, int]:
+        if key not in raw:
+            return default
+        try:
+            return parse_address(raw[key])
+        except ValueError as exc:
+            self.fail(_join(path, key), str(exc))
+            return default
+
+    def server(self, raw: object, path: str) -> Server:
+        raw = self.mapping(raw, path)
+        self.unknown(raw, path, {"listen", "admin_listen", "max_body_bytes", "drain_grace"})
+        d = Server()
+        server = Server(
+            listen=self.address(raw, "listen", path, d.listen),
+            admin_listen=self.address(raw, "admin_listen", path, d.admin_listen),
+            max_body_bytes=self.integer(raw, "max_body_bytes", path, d.max_body_bytes, 1),
+            drain_grace=self.duration(raw, "drain_grace", path, d.drain_grace),
+        )
+        if server.listen == server.admin_listen and server.listen[1] != 0:
+            self.fail(_join(path, "admin_listen"), "must differ from server.listen")
+        return server
+
+    def upstreams(self, raw: object, path: str) -> dict[str, Upstream]:
+        if not isinstance(raw, dict) or not raw:
+            self.fail(path, "expected a mapping of at least one upstream by name")
+            return {}
+        return {
+            str(name): self.upstream(str(name), spec, _join(path, str(name)))
+            for name, spec in raw.items()
+        }
+
+    def upstream(self, name: str, raw: object, path: str) -> Upstream:
+        raw = self.mapping(raw, path)
+        self.unknown(raw, path, {
+            "url", "api", "provider", "headers", "timeouts", "breaker", "retries",
+            "max_concurrency", "max_queue", "health", "inject_stream_usage",
+        })
+        url = raw.get("url")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            self.fail(_join(path, "url"), "expected an http:// or https:// URL with a host")
+            url = "http://invalid"
+        elif parts.query or parts.fragment:
+            self.fail(_join(path, "url"), "must not have a query or fragment")
+        api = raw.get("api", "openai")
+        if api not in APIS:
+            self.fail(_join(path, "api"), f"expected one of {', '.join(APIS)}, got {api!r}")
+            api = "openai"
+        provider = raw.get("provider", api)
+        if not isinstance(provider, str) or not provider:
+            self.fail(_join(path, "provider"), "expected a non-empty string")
+            provider = api
+        return Upstream(
+            name=name,
+            url=str(url).rstrip("/"),
+            api=api,
+            provider=provider,
+            headers=self.headers(raw.get("headers"), _join(path, "headers")),
+            timeouts=self.timeouts(raw.get("timeouts"), _join(path, "timeouts")),
+            breaker=self.breaker(raw.get("breaker"), _join(path, "breaker")),
+            retries=self.retries(raw.get("retries"), _join(path, "retries")),
+            max_concurrency=self.integer(raw, "max_concurrency", path, 512, 1),
+            max_queue=self.integer(raw, "max_queue", path, 1024, 0),
+            health=self.health(raw.get("health"), _join(path, "health")),
+            inject_stream_usage=self.boolean(raw, "inject_stream_usage", path, True),
+        )
+
+    def headers(self, raw: object, path: str) -> dict[str, str]:
+        raw = self.mapping(raw, path)
+        out: dict[str, str] = {}
+        for key, value in raw.items():
+            where = _join(path, str(key))
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                self.fail(where, "expected a string value")
+            elif any(c in str(key) + str(value) for c in "\r\n\0"):
+                self.fail(where, "must not contain CR, LF or NUL")
+            else:
+                out[str(key)] = str(value)
+        return out
+
+    def timeouts(self, raw: object, path: str) -> Timeouts:
+        raw = self.mapping(raw, path)
+        self.unknown(raw, path, {"connect", "first_byte", "idle", "total"})
+        d = Timeouts()
+        return Timeouts(
+            connect=self.duration(raw, "connect", path, d.connect),
+            first_byte=self.duration(raw, "first_byte", path, d.first_byte),
+            idle=self.duration(raw, "idle", path, d.idle),
+            total=self.duration(raw, "total", path, d.total),
+        )
+
+    def breaker(self, raw: object, path: str) -> Breaker:
+        raw = self.mapping(raw, path)
+        self.unknown(raw, path, {"failures", "window", "reset_after", "half_open_trials"})
+        d = Breaker()
+        return Breaker(
+            failures=self.integer(raw, "failures", path, d.failures, 1),
+            window=self.duration(raw, "window", path, d.window),
+            reset_after=self.duration(raw, "reset_after", path, d.reset_after),
+            half_open_trials=self.integer(raw, "half_open_trials", path, 1, 1),
+        )
+
+    def retries(self, raw: object, path: str) -> Retries:
+        raw = self.mapping(raw, path)
+        self.unknown(raw, path, {"attempts", "backoff", "max_retry_after"})
+        d = Retries()
+        return Retries(
+            attempts=self.integer(raw, "attempts", path, d.attempts, 1),
+            backoff=self.duration(raw, "backoff", path, d.backoff),
+            max_retry_after=self.duration(raw, "max_retry_after", path, d.max_retry_after),
+        )
+
+    def health(self, raw: object, path: str) -> Health:
+        raw = self.mapping(raw, path)
+        self.unknown(raw, path, {"path", "interval", "timeout", "degraded_latency"})
+        probe_path = raw.get("path")
+        if probe_path is not None and (
+            not isinstance(probe_path, str) or not probe_path.startswith("/")
+        ):
+            self.fail(_join(path, "path"), "expected a path starting with /")
+            probe_path = None
+        d = Health()
+        return Health(
+            path=probe_path,
+            interval=self.duration(raw, "interval", path, d.interval),
+            timeout=self.duration(raw, "timeout", path, d.timeout),
+            degraded_latency=self.duration(
+                raw, "degraded_latency", path, d.degraded_latency
+            ),
+        )
+
+    def routes(
+        self, raw: object, path: str, upstreams: Mapping[str, Upstream]
+    ) -> tuple[Route, ...]:
+        if not isinstance(raw, list) or not raw:
+            self.fail(path, "expected a list of at least one route")
+            return ()
+        prefixes = [r.get("prefix") for r in raw if isinstance(r, dict)]
+        routes = [
+            self.route(spec, f"{path}[{i}]", upstreams, prefixes)
+            for i, spec in enumerate(raw)
+        ]
+        names = [r.name for r in routes if r is not None]
+        for i, r in enumerate(routes):
+            if r is not None and names.count(r.name) > 1:
+                self.fail(f"{path}[{i}].name", f"route name {r.name!r} is used twice")
+        return tuple(r for r in routes if r is not None)
+
+    def route(
+        self,
+        raw: object,
+        path: str,
+        upstreams: Mapping[str, Upstream],
+        prefixes: list[object],
+    ) -> Route | None:
+        if not isinstance(raw, dict):
+            self.fail(path, "expected a mapping with prefix and upstream")
+            return None
+        self.unknown(raw, path, {
+            "prefix", "upstream", "name", "strip_prefix", "models", "fallbacks",
+        })
+        prefix = raw.get("prefix")
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            self.fail(_join(path, "prefix"), "expected a path starting with /")
+            return None
+        prefix = prefix.rstrip("/") or "/"
+        upstream = raw.get("upstream")
+        if upstream not in upstreams:
+            self.fail(_join(path, "upstream"), f"unknown upstream {upstream!r}")
+        fallbacks = self.names(raw.get("fallbacks"), _join(path, "fallbacks"))
+        for i, name in enumerate(fallbacks):
+            if name not in upstreams:
+                self.fail(f"{path}.fallbacks[{i}]", f"unknown upstream {name!r}")
+        models = self.names(raw.get("models"), _join(path, "models"))
+        name = raw.get("name")
+        if name is None:
+            shared = sum(1 for p in prefixes if isinstance(p, str)
+                         and (p.rstrip("/") or "/") == prefix)
+            name = prefix if shared <= 1 else f"{prefix}:{upstream}"
+        elif not isinstance(name, str) or not name:
+            self.fail(_join(path, "name"), "expected a non-empty string")
+            name = prefix
+        return Route(
+            prefix=prefix,
+            upstream=str(upstream),
+            name=name,
+            strip_prefix=self.boolean(raw, "strip_prefix", path, False),
+            models=tuple(models),
+            fallbacks=tuple(fallbacks),
+        )
+
+    def names(self, raw: object, path: str) -> list[str]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            self.fail(path, "expected a list of strings")
+            return []
+        return list(raw)
+
+    def pricing(self, raw: object, path: str) -> dict[str, Price]:
+        raw = self.mapping(raw, path)
+        out: dict[str, Price] = {}
+        for model, spec in raw.items():
+            where = _join(path, str(model))
+            spec = self.mapping(spec, where)
+            self.unknown(spec, where, {
+                "input", "output", "cached_input", "cache_creation_input", "reasoning",
+            })
+            rates: dict[str, float | None] = {}
+            for key in ("input", "output", "cached_input", "cache_creation_input",
+                        "reasoning"):
+                value = spec.get(key)
+                if value is None:
+                    if key in ("input", "output"):
+                        self.fail(_join(where, key), "required (USD per million tokens)")
+                    rates[key] = None
+                elif isinstance(value, bool) or not isinstance(value, int | float) \
+                        or value < 0:
+                    self.fail(_join(where, key), "expected a non-negative number")
+                    rates[key] = None
+                else:
+                    rates[key] = float(value)
+            out[str(model)] = Price(
+                input=rates["input"] or 0.0,
+                output=rates["output"] or 0.0,
+                cached_input=rates["cached_input"],
+                cache_creation_input=rates["cache_creation_input"],
+                reasoning=rates["reasoning"],
+            )
+        return out
+
+    def telemetry(self, raw: object, path: str) -> Telemetry:
+        raw = self.mapping(raw, path)
+        self.unknown(raw, path, {"max_models", "log_requests"})
+        return Telemetry(
+            max_models=self.integer(raw, "max_models", path, 50, 1),
+            log_requests=self.boolean(raw, "log_requests", path, True),
+        )
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

@@ -1,0 +1,170 @@
+"""The per-exchange record: the one seam metrics, traces and logs read from.
+
+The forwarding handler fills an ``Exchange`` while the request runs and hands it
+to the recorder when the request ends, however it ends. Times are seconds on the
+monotonic clock; ``started`` is also kept as wall-clock time for logs and spans.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+TOKEN_FIELDS = (
+    ("input", "input_tokens"),
+    ("output", "output_tokens"),
+    ("cached_input", "cached_input_tokens"),
+    ("cache_creation_input", "cache_creation_input_tokens"),
+    ("reasoning", "reasoning_tokens"),
+)
+"""(``gen_ai_token_type`` label value, ``Exchange`` attribute) pairs."""
+
+
+class Exchange:
+    """What one client request was, how long each phase took and how it ended."""
+
+    __slots__ = (
+        "api",
+        "attempts",
+        "bytes_in",
+        "bytes_out",
+        "cache_creation_input_tokens",
+        "cached_input_tokens",
+        "client_disconnected",
+        "ended",
+        "error_message",
+        "error_type",
+        "events",
+        "finish_reasons",
+        "input_tokens",
+        "method",
+        "operation",
+        "output_tokens",
+        "parse_error",
+        "path",
+        "pending_usage",
+        "prompt_fingerprint",
+        "provider",
+        "reasoning_tokens",
+        "request_id",
+        "request_model",
+        "response_id",
+        "response_model",
+        "route",
+        "started",
+        "started_wall",
+        "status",
+        "stream",
+        "terminal",
+        "trace_id",
+        "upstream",
+        "upstream_request_id",
+        "usage_source",
+        "wants_json",
+        "t_first_byte",
+        "t_first_token",
+        "t_headers",
+        "t_last_byte",
+    )
+
+    def __init__(self, request_id: str, method: str, path: str) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.path = path
+        self.started = time.perf_counter()
+        self.started_wall = time.time()
+        self.route: str | None = None
+        self.upstream: str | None = None
+        self.provider: str | None = None
+        self.api: str | None = None
+        self.operation: str | None = None
+        self.request_model: str | None = None
+        self.response_model: str | None = None
+        self.response_id: str | None = None
+        self.upstream_request_id: str | None = None
+        self.trace_id: str | None = None
+        self.prompt_fingerprint: str | None = None
+        self.stream = False
+        self.wants_json = False
+        self.status = 0
+        self.error_type: str | None = None
+        self.error_message: str | None = None
+        self.finish_reasons: list[str] = []
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.cached_input_tokens: int | None = None
+        self.cache_creation_input_tokens: int | None = None
+        self.reasoning_tokens: int | None = None
+        self.usage_source: str | None = None
+        self.terminal = False
+        # The latest usage seen in a stream, parsed once when the stream ends.
+        self.pending_usage: Any = None
+        self.parse_error: str | None = None
+        self.client_disconnected = False
+        self.attempts = 0
+        self.events = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.t_headers: float | None = None
+        self.t_first_byte: float | None = None
+        self.t_first_token: float | None = None
+        self.t_last_byte: float | None = None
+        self.ended: float | None = None
+
+    def since_start(self, t: float | None) -> float | None:
+        """Seconds from the request's arrival to monotonic time ``t``."""
+        return None if t is None else t - self.started
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.perf_counter()) - self.started
+
+    @property
+    def has_usage(self) -> bool:
+        return self.input_tokens is not None or self.output_tokens is not None
+
+    def fail(self, error_type: str, message: str | None = None) -> None:
+        """Keep the first error: a later one is usually a consequence of it."""
+        if self.error_type is None:
+            self.error_type = error_type
+            self.error_message = message
+
+    def as_log(self) -> dict[str, Any]:
+        """The fields of the per-request log line; ``None`` values are left out."""
+        fields: dict[str, Any] = {
+            "request_id": self.request_id,
+            "trace_id": self.trace_id,
+            "method": self.method,
+            "path": self.path,
+            "route": self.route,
+            "upstream": self.upstream,
+            "provider": self.provider,
+            "operation": self.operation,
+            "request_model": self.request_model,
+            "response_model": self.response_model,
+            "response_id": self.response_id,
+            "upstream_request_id": self.upstream_request_id,
+            "stream": self.stream,
+            "status": self.status,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+            "finish_reasons": self.finish_reasons or None,
+            "usage_source": self.usage_source,
+            "prompt_fingerprint": self.prompt_fingerprint,
+            "attempts": self.attempts,
+            "bytes_out": self.bytes_out,
+            "duration_s": round(self.duration, 6),
+            "upstream_headers_s": _round(self.since_start(self.t_headers)),
+            "first_byte_s": _round(self.since_start(self.t_first_byte)),
+            "first_token_s": _round(self.since_start(self.t_first_token)),
+            "last_byte_s": _round(self.since_start(self.t_last_byte)),
+            "client_disconnected": self.client_disconnected or None,
+            "parse_error": self.parse_error,
+        }
+        for label, attr in TOKEN_FIELDS:
+            fields[f"{label}_tokens"] = getattr(self, attr)
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)

@@ -1,0 +1,226 @@
+"""The forwarding handler: where a client's request becomes an upstream request
+and the upstream's response flows back, chunk by chunk.
+
+Per request: match a route (before reading the body, so unknown paths cost
+nothing), read the body within the size limit, pick the route by model, send it
+upstream, then relay the response. ``_relay`` holds the only per-chunk loop:
+read, write to the client, hand a copy to the tap, stamp the time.
+
+Cancellation: the server cancels the handler when the client disconnects. The
+upstream response is then closed at once (a generation stops costing tokens)
+and the exchange is still recorded, marked ``client_disconnect``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+
+import aiohttp
+from aiohttp import web
+
+from .classify import classify_status
+from .config import Config
+from .dialects import dialect_for, inspect_request
+from .errors import (
+    NoRouteError,
+    PayloadTooLargeError,
+    ProxyError,
+    UpstreamTimeoutError,
+    error_body,
+)
+from .exchange import Exchange
+from .headers import client_response_headers, upstream_request_headers
+from .routing import Router, upstream_path
+from .tap import Tap
+from .upstream import UpstreamClient, Watchdog
+
+log = logging.getLogger(__name__)
+
+Recorder = Callable[[Exchange], None]
+_ID_PREFIX = os.urandom(4).hex()
+
+
+class Forwarder:
+    """The proxy port's request handler."""
+
+    def __init__(
+        self,
+        config: Config,
+        clients: Mapping[str, UpstreamClient],
+        record: Recorder,
+    ) -> None:
+        self.config = config
+        self.router = Router(config.routes)
+        self.clients = clients
+        self.record = record
+        self.max_body = config.server.max_body_bytes
+        self._seq = 0
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        self._seq += 1
+        path, _, query = request.raw_path.partition("?")
+        ex = Exchange(f"{_ID_PREFIX}{self._seq:x}", request.method, path)
+        try:
+            return await self._handle(request, ex, path, query)
+        except ProxyError as exc:
+            return _error_response(ex, exc)
+        except asyncio.CancelledError:
+            _client_went_away(ex)
+            raise
+        except Exception as exc:
+            log.exception("request.internal_error", extra={"fields": {
+                "request_id": ex.request_id}})
+            return _error_response(ex, ProxyError(f"internal error: {type(exc).__name__}"))
+        finally:
+            ex.ended = time.perf_counter()
+            self.record(ex)
+
+    async def _handle(
+        self, request: web.BaseRequest, ex: Exchange, path: str, query: str
+    ) -> web.StreamResponse:
+        candidates = self.router.candidates(path)
+        if not candidates:
+            raise NoRouteError(f"no route for {path[:200]!r}")
+        body = await _read_body(request, self.max_body)
+        ex.bytes_in = len(body)
+        inspect_request(ex, body)
+        route = self.router.choose(candidates, ex.request_model)
+        if route is None:
+            raise NoRouteError(f"no route for model {ex.request_model!r} on {path[:200]!r}")
+
+        client = self.clients[route.upstream]
+        upstream = client.upstream
+        ex.route, ex.upstream = route.name, upstream.name
+        ex.provider, ex.api = upstream.provider, upstream.api
+        ex.operation, dialect = dialect_for(upstream.api, path)
+        url = upstream.url + upstream_path(route, path)
+        if query:
+            url = f"{url}?{query}"
+        headers = upstream_request_headers(request.headers, upstream.headers)
+
+        ex.attempts += 1
+        resp = await client.send(request.method, url, headers, body, ex)
+        ex.t_headers = time.perf_counter()
+        ex.status = resp.status
+        ex.upstream_request_id = resp.headers.get("x-request-id") or resp.headers.get(
+            "request-id"
+        )
+        try:
+            return await self._relay(request, resp, ex, dialect if ex.operation else None)
+        finally:
+            resp.close()
+            if ex.status >= 400 and ex.error_type is None:
+                ex.fail(classify_status(ex.status) or "upstream_4xx")
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        resp: aiohttp.ClientResponse,
+        ex: Exchange,
+        dialect: object,
+    ) -> web.StreamResponse:
+        """Stream the upstream response to the client as it arrives."""
+        out = web.StreamResponse(
+            status=resp.status, reason=resp.reason, headers=client_response_headers(resp.headers)
+        )
+        tap = Tap(
+            ex,
+            dialect,  # type: ignore[arg-type]
+            resp.headers.get("content-type", ""),
+            resp.headers.get("content-encoding", ""),
+        )
+        timeouts = self.clients[ex.upstream or ""].upstream.timeouts
+        watchdog = Watchdog(ex, resp, timeouts.idle, timeouts.total, ex.upstream or "")
+        await out.prepare(request)
+
+        complete = False
+        read = resp.content.readany
+        write = out.write
+        feed = tap.feed
+        try:
+            while chunk := await read():
+                await write(chunk)
+                now = time.perf_counter()
+                if ex.t_first_byte is None:
+                    ex.t_first_byte = now
+                ex.t_last_byte = now
+                ex.bytes_out += len(chunk)
+                feed(chunk)
+            complete = True
+        except asyncio.CancelledError:
+            _client_went_away(ex)
+            raise
+        except UpstreamTimeoutError as exc:
+            ex.fail(exc.error_type, exc.message)
+            _abort(request)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            if _client_gone(request):
+                _client_went_away(ex)
+            else:
+                ex.fail("stream_truncated", f"the upstream broke off: {type(exc).__name__}")
+                _abort(request)
+        finally:
+            watchdog.cancel()
+            tap.close(complete)
+        if complete:
+            await out.write_eof()
+        return out
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The request body, or ``PayloadTooLargeError`` once it exceeds ``limit``."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLargeError(f"request body of {length} bytes exceeds {limit}")
+    if length == 0 or (length is None and not request.body_exists):
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_response(ex: Exchange, exc: ProxyError) -> web.Response:
+    ex.status = exc.status
+    ex.fail(exc.error_type, exc.message)
+    headers = {"Content-Type": "application/json"}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, PayloadTooLargeError):
+        # The unread rest of the body makes the connection unusable.
+        headers["Connection"] = "close"
+    return web.Response(
+        status=exc.status,
+        body=error_body(exc.error_type, exc.message, exc.upstream),
+        headers=headers,
+    )
+
+
+def _client_went_away(ex: Exchange) -> None:
+    ex.client_disconnected = True
+    ex.fail("client_disconnect", "the client went away")
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _abort(request: web.BaseRequest) -> None:
+    """End the client's connection without a clean end of body.
+
+    The upstream broke off mid-body, so the client must see an incomplete
+    response too (no final chunk, or fewer bytes than Content-Length), never a
+    clean end that would pass a truncated answer off as whole.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.close()

@@ -1,0 +1,76 @@
+"""Which headers cross the proxy, in each direction.
+
+Hop-by-hop headers (RFC 9110 section 7.6.1) are connection-specific and never
+forwarded, nor are headers the ``Connection`` header names. Credentials follow
+one rule: if an upstream sets its own, the client's are dropped; otherwise the
+client's pass through untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset({
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+})
+CREDENTIALS = frozenset({"authorization", "x-api-key", "api-key"})
+# Set again by the client library for the upstream connection and body.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+# The proxy reads a copy of every response, so it only offers codings it can read.
+READABLE_CODINGS = ("gzip", "deflate")
+_PROXY_HEADER_PREFIX = "x-llmproxy-"
+
+
+def _connection_listed(headers: Mapping[str, str]) -> frozenset[str]:
+    value = headers.get("connection")
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def upstream_request_headers(
+    client: CIMultiDictProxy[str], injected: Mapping[str, str]
+) -> CIMultiDict[str]:
+    """Headers to send upstream: the client's, filtered, then the upstream's own."""
+    drop = _REQUEST_DROP | _connection_listed(client)
+    if injected and any(k.lower() in CREDENTIALS for k in injected):
+        drop = drop | CREDENTIALS
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in client.items():
+        lower = key.lower()
+        if lower in drop or lower.startswith(_PROXY_HEADER_PREFIX):
+            continue
+        if lower == "accept-encoding":
+            value = _readable_codings(value)
+            if not value:
+                continue
+        out.add(key, value)
+    for key, value in injected.items():
+        out[key] = value
+    return out
+
+
+def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Headers to send the client: the upstream's, minus hop-by-hop ones."""
+    drop = HOP_BY_HOP | _connection_listed(upstream)
+    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+
+
+def _readable_codings(value: str) -> str:
+    """Keep only the content codings the proxy can decode, preserving q-values."""
+    kept = []
+    for item in value.split(","):
+        coding = item.split(";", 1)[0].strip().lower()
+        if coding in READABLE_CODINGS or coding == "identity":
+            kept.append(item.strip())
+    return ", ".join(kept)
