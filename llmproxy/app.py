@@ -80,13 +80,19 @@ class Proxy:
             raise
         self.ready = True
         self.not_ready_reason = ""
-        log.info("proxy.started", extra={"fields": {
-            "listen": self.proxy_url, "admin_listen": self.admin_url,
-            "config": self.config.source,
-        }})
+        log.info(
+            "proxy.started",
+            extra={
+                "fields": {
+                    "listen": self.proxy_url,
+                    "admin_listen": self.admin_url,
+                    "config": self.config.source,
+                }
+            },
+        )
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish up to the drain grace, close."""
+        """Stop accepting, let in-flight requests finish within the grace, close."""
         self.ready = False
         self.not_ready_reason = "shutting down"
         for runner in self._runners:

@@ -31,7 +31,12 @@ _BY_PROVIDER_TYPE = {
     "server_error": "upstream_5xx",
     "server_is_overloaded": "overloaded",
 }
-_CONTEXT_HINTS = ("context length", "context window", "prompt is too long", "too many tokens")
+_CONTEXT_HINTS = (
+    "context length",
+    "context window",
+    "prompt is too long",
+    "too many tokens",
+)
 
 
 def classify_status(status: int, error: Any = None) -> str | None:

@@ -38,40 +38,56 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"llmproxy {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"llmproxy {__version__}"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
-        "serve", help="run the proxy", epilog=_EPILOG,
+        "serve",
+        help="run the proxy",
+        epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the proxy. Without --config: $LLMPROXY_CONFIG, else a "
         "built-in default that proxies /v1 to api.openai.com and /anthropic to "
         "api.anthropic.com with the clients' own credentials.",
     )
     serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
-    serve.add_argument("--log-level", default=os.environ.get("LLMPROXY_LOG_LEVEL", "info"),
-                       choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get("LLMPROXY_LOG_LEVEL", "info"),
+        choices=("debug", "info", "warning", "error"),
+    )
 
     check = commands.add_parser(
-        "check", help="validate a configuration file and exit",
+        "check",
+        help="validate a configuration file and exit",
         description="Validate a configuration file: exit 0 if valid, else exit 2 "
         "printing each problem as 'path.to.field: what is wrong'.",
     )
     check.add_argument("--config", metavar="FILE", required=True)
 
     demo = commands.add_parser(
-        "demo", help="a first look with no API key: simulated provider, proxy, traffic",
+        "demo",
+        help="a first look with no API key: simulated provider, proxy, traffic",
         description="Start a simulated OpenAI-compatible provider, llmproxy in front "
         "of it and a little traffic from the openai SDK, then keep serving so you "
         "can look at the metrics, health and logs.",
     )
-    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
-    demo.add_argument("--admin-port", type=int, default=9090,
-                      help="admin port (default 9090)")
-    demo.add_argument("--requests", type=int, default=12,
-                      help="requests of demo traffic (default 12)")
-    demo.add_argument("--exit", action="store_true",
-                      help="exit after the traffic instead of serving on")
+    demo.add_argument(
+        "--port", type=int, default=8080, help="proxy port (default 8080)"
+    )
+    demo.add_argument(
+        "--admin-port", type=int, default=9090, help="admin port (default 9090)"
+    )
+    demo.add_argument(
+        "--requests", type=int, default=12, help="requests of demo traffic (default 12)"
+    )
+    demo.add_argument(
+        "--exit",
+        action="store_true",
+        help="exit after the traffic instead of serving on",
+    )
     return parser
 
 
@@ -93,7 +109,9 @@ def check(path: str) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    print(f"{path}: ok ({len(config.upstreams)} upstreams, {len(config.routes)} routes)")
+    print(
+        f"{path}: ok ({len(config.upstreams)} upstreams, {len(config.routes)} routes)"
+    )
     return EXIT_OK
 
 
@@ -109,11 +127,16 @@ def serve(path: str | None, log_level: str) -> int:
                 log.error("config.invalid", extra={"fields": {"problem": problem}})
                 print(problem, file=sys.stderr)
             return EXIT_CONFIG
-        log.info("config.loaded", extra={"fields": {
-            "source": config.source,
-            "upstreams": sorted(config.upstreams),
-            "routes": [r.name for r in config.routes],
-        }})
+        log.info(
+            "config.loaded",
+            extra={
+                "fields": {
+                    "source": config.source,
+                    "upstreams": sorted(config.upstreams),
+                    "routes": [r.name for r in config.routes],
+                }
+            },
+        )
         return _run(_serve(config))
     finally:
         listener.stop()
@@ -123,8 +146,8 @@ def _run(coro: object) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        return asyncio.run(coro)  # type: ignore[arg-type, no-any-return]
-    return uvloop.run(coro)  # type: ignore[arg-type, no-any-return]
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro)  # type: ignore[arg-type]
 
 
 async def _serve(config: Config) -> int:

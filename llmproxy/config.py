@@ -184,7 +184,9 @@ def build_config(raw: object, source: str = "<built-in>") -> Config:
     v = _Validator()
     raw = v.expand_env(raw, "")
     if not isinstance(raw, dict):
-        raise ConfigError(["(top level): expected a mapping with server, upstreams, routes"])
+        raise ConfigError(
+            ["(top level): expected a mapping with server, upstreams, routes"]
+        )
     v.unknown(raw, "", {"server", "upstreams", "routes", "pricing", "telemetry"})
 
     server = v.server(raw.get("server") or {}, "server")
@@ -211,7 +213,9 @@ class _Validator:
         if isinstance(value, str):
             return _ENV.sub(lambda m: self._env(m, path), value)
         if isinstance(value, dict):
-            return {k: self.expand_env(x, _join(path, str(k))) for k, x in value.items()}
+            return {
+                k: self.expand_env(x, _join(path, str(k))) for k, x in value.items()
+            }
         if isinstance(value, list):
             return [self.expand_env(x, f"{path}[{i}]") for i, x in enumerate(value)]
         return value
@@ -229,8 +233,10 @@ class _Validator:
     def unknown(self, raw: Mapping[str, Any], path: str, known: set[str]) -> None:
         for key in raw:
             if key not in known:
-                self.fail(_join(path, str(key)), f"unknown key (expected one of: "
-                          f"{', '.join(sorted(known))})")
+                self.fail(
+                    _join(path, str(key)),
+                    f"unknown key (expected one of: {', '.join(sorted(known))})",
+                )
 
     def mapping(self, raw: object, path: str) -> dict[str, Any]:
         if raw is None:
@@ -240,7 +246,9 @@ class _Validator:
             return {}
         return raw
 
-    def duration(self, raw: Mapping[str, Any], key: str, path: str, default: float) -> float:
+    def duration(
+        self, raw: Mapping[str, Any], key: str, path: str, default: float
+    ) -> float:
         if key not in raw:
             return default
         try:
@@ -250,7 +258,12 @@ class _Validator:
             return default
 
     def integer(
-        self, raw: Mapping[str, Any], key: str, path: str, default: int, minimum: int = 0
+        self,
+        raw: Mapping[str, Any],
+        key: str,
+        path: str,
+        default: int,
+        minimum: int = 0,
     ) -> int:
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -261,15 +274,18 @@ class _Validator:
             return default
         return value
 
-    def boolean(self, raw: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    def boolean(
+        self, raw: Mapping[str, Any], key: str, path: str, default: bool
+    ) -> bool:
         value = raw.get(key, default)
         if not isinstance(value, bool):
             self.fail(_join(path, key), f"expected true or false, got {value!r}")
             return default
         return value
 
-    def address(self, raw: Mapping[str, Any], key: str, path: str,
-                default: tuple[str, int]) -> tuple[str, int]:
+    def address(
+        self, raw: Mapping[str, Any], key: str, path: str, default: tuple[str, int]
+    ) -> tuple[str, int]:
         if key not in raw:
             return default
         try:
@@ -280,12 +296,16 @@ class _Validator:
 
     def server(self, raw: object, path: str) -> Server:
         raw = self.mapping(raw, path)
-        self.unknown(raw, path, {"listen", "admin_listen", "max_body_bytes", "drain_grace"})
+        self.unknown(
+            raw, path, {"listen", "admin_listen", "max_body_bytes", "drain_grace"}
+        )
         d = Server()
         server = Server(
             listen=self.address(raw, "listen", path, d.listen),
             admin_listen=self.address(raw, "admin_listen", path, d.admin_listen),
-            max_body_bytes=self.integer(raw, "max_body_bytes", path, d.max_body_bytes, 1),
+            max_body_bytes=self.integer(
+                raw, "max_body_bytes", path, d.max_body_bytes, 1
+            ),
             drain_grace=self.duration(raw, "drain_grace", path, d.drain_grace),
         )
         if server.listen == server.admin_listen and server.listen[1] != 0:
@@ -303,20 +323,37 @@ class _Validator:
 
     def upstream(self, name: str, raw: object, path: str) -> Upstream:
         raw = self.mapping(raw, path)
-        self.unknown(raw, path, {
-            "url", "api", "provider", "headers", "timeouts", "breaker", "retries",
-            "max_concurrency", "max_queue", "health", "inject_stream_usage",
-        })
+        self.unknown(
+            raw,
+            path,
+            {
+                "url",
+                "api",
+                "provider",
+                "headers",
+                "timeouts",
+                "breaker",
+                "retries",
+                "max_concurrency",
+                "max_queue",
+                "health",
+                "inject_stream_usage",
+            },
+        )
         url = raw.get("url")
         parts = urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            self.fail(_join(path, "url"), "expected an http:// or https:// URL with a host")
+            self.fail(
+                _join(path, "url"), "expected an http:// or https:// URL with a host"
+            )
             url = "http://invalid"
         elif parts.query or parts.fragment:
             self.fail(_join(path, "url"), "must not have a query or fragment")
         api = raw.get("api", "openai")
         if api not in APIS:
-            self.fail(_join(path, "api"), f"expected one of {', '.join(APIS)}, got {api!r}")
+            self.fail(
+                _join(path, "api"), f"expected one of {', '.join(APIS)}, got {api!r}"
+            )
             api = "openai"
         provider = raw.get("provider", api)
         if not isinstance(provider, str) or not provider:
@@ -363,7 +400,9 @@ class _Validator:
 
     def breaker(self, raw: object, path: str) -> Breaker:
         raw = self.mapping(raw, path)
-        self.unknown(raw, path, {"failures", "window", "reset_after", "half_open_trials"})
+        self.unknown(
+            raw, path, {"failures", "window", "reset_after", "half_open_trials"}
+        )
         d = Breaker()
         return Breaker(
             failures=self.integer(raw, "failures", path, d.failures, 1),
@@ -379,7 +418,9 @@ class _Validator:
         return Retries(
             attempts=self.integer(raw, "attempts", path, d.attempts, 1),
             backoff=self.duration(raw, "backoff", path, d.backoff),
-            max_retry_after=self.duration(raw, "max_retry_after", path, d.max_retry_after),
+            max_retry_after=self.duration(
+                raw, "max_retry_after", path, d.max_retry_after
+            ),
         )
 
     def health(self, raw: object, path: str) -> Health:
@@ -428,9 +469,18 @@ class _Validator:
         if not isinstance(raw, dict):
             self.fail(path, "expected a mapping with prefix and upstream")
             return None
-        self.unknown(raw, path, {
-            "prefix", "upstream", "name", "strip_prefix", "models", "fallbacks",
-        })
+        self.unknown(
+            raw,
+            path,
+            {
+                "prefix",
+                "upstream",
+                "name",
+                "strip_prefix",
+                "models",
+                "fallbacks",
+            },
+        )
         prefix = raw.get("prefix")
         if not isinstance(prefix, str) or not prefix.startswith("/"):
             self.fail(_join(path, "prefix"), "expected a path starting with /")
@@ -440,14 +490,17 @@ class _Validator:
         if upstream not in upstreams:
             self.fail(_join(path, "upstream"), f"unknown upstream {upstream!r}")
         fallbacks = self.names(raw.get("fallbacks"), _join(path, "fallbacks"))
-        for i, name in enumerate(fallbacks):
-            if name not in upstreams:
-                self.fail(f"{path}.fallbacks[{i}]", f"unknown upstream {name!r}")
+        for i, fallback in enumerate(fallbacks):
+            if fallback not in upstreams:
+                self.fail(f"{path}.fallbacks[{i}]", f"unknown upstream {fallback!r}")
         models = self.names(raw.get("models"), _join(path, "models"))
         name = raw.get("name")
         if name is None:
-            shared = sum(1 for p in prefixes if isinstance(p, str)
-                         and (p.rstrip("/") or "/") == prefix)
+            shared = sum(
+                1
+                for p in prefixes
+                if isinstance(p, str) and (p.rstrip("/") or "/") == prefix
+            )
             name = prefix if shared <= 1 else f"{prefix}:{upstream}"
         elif not isinstance(name, str) or not name:
             self.fail(_join(path, "name"), "expected a non-empty string")
@@ -475,19 +528,37 @@ class _Validator:
         for model, spec in raw.items():
             where = _join(path, str(model))
             spec = self.mapping(spec, where)
-            self.unknown(spec, where, {
-                "input", "output", "cached_input", "cache_creation_input", "reasoning",
-            })
+            self.unknown(
+                spec,
+                where,
+                {
+                    "input",
+                    "output",
+                    "cached_input",
+                    "cache_creation_input",
+                    "reasoning",
+                },
+            )
             rates: dict[str, float | None] = {}
-            for key in ("input", "output", "cached_input", "cache_creation_input",
-                        "reasoning"):
+            for key in (
+                "input",
+                "output",
+                "cached_input",
+                "cache_creation_input",
+                "reasoning",
+            ):
                 value = spec.get(key)
                 if value is None:
                     if key in ("input", "output"):
-                        self.fail(_join(where, key), "required (USD per million tokens)")
+                        self.fail(
+                            _join(where, key), "required (USD per million tokens)"
+                        )
                     rates[key] = None
-                elif isinstance(value, bool) or not isinstance(value, int | float) \
-                        or value < 0:
+                elif (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | float)
+                    or value < 0
+                ):
                     self.fail(_join(where, key), "expected a non-negative number")
                     rates[key] = None
                 else:

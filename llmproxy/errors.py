@@ -66,7 +66,7 @@ class ProxyError(Exception):
 
 
 class ConfigError(ProxyError, ValueError):
-    """The configuration is invalid; ``problems`` holds ``path: what is wrong`` lines."""
+    """Invalid configuration; ``problems`` holds ``path: what is wrong`` lines."""
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
@@ -104,11 +104,13 @@ class QueueFullError(ProxyError):
 
 
 class UpstreamTimeoutError(ProxyError, TimeoutError):
-    """One of the per-phase timeouts; ``phase`` is connect, first_byte, idle or total."""
+    """A per-phase timeout; ``phase`` is connect, first_byte, idle or total."""
 
     status = 504
 
-    def __init__(self, phase: str, message: str, *, upstream: str | None = None) -> None:
+    def __init__(
+        self, phase: str, message: str, *, upstream: str | None = None
+    ) -> None:
         super().__init__(message, upstream=upstream)
         self.phase = phase
         self.error_type = f"timeout_{phase}"

@@ -55,16 +55,16 @@ class Exchange:
         "started_wall",
         "status",
         "stream",
+        "t_first_byte",
+        "t_first_token",
+        "t_headers",
+        "t_last_byte",
         "terminal",
         "trace_id",
         "upstream",
         "upstream_request_id",
         "usage_source",
         "wants_json",
-        "t_first_byte",
-        "t_first_token",
-        "t_headers",
-        "t_last_byte",
     )
 
     def __init__(self, request_id: str, method: str, path: str) -> None:

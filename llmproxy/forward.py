@@ -72,9 +72,13 @@ class Forwarder:
             _client_went_away(ex)
             raise
         except Exception as exc:
-            log.exception("request.internal_error", extra={"fields": {
-                "request_id": ex.request_id}})
-            return _error_response(ex, ProxyError(f"internal error: {type(exc).__name__}"))
+            log.exception(
+                "request.internal_error",
+                extra={"fields": {"request_id": ex.request_id}},
+            )
+            return _error_response(
+                ex, ProxyError(f"internal error: {type(exc).__name__}")
+            )
         finally:
             ex.ended = time.perf_counter()
             self.record(ex)
@@ -90,7 +94,9 @@ class Forwarder:
         inspect_request(ex, body)
         route = self.router.choose(candidates, ex.request_model)
         if route is None:
-            raise NoRouteError(f"no route for model {ex.request_model!r} on {path[:200]!r}")
+            raise NoRouteError(
+                f"no route for model {ex.request_model!r} on {path[:200]!r}"
+            )
 
         client = self.clients[route.upstream]
         upstream = client.upstream
@@ -110,7 +116,9 @@ class Forwarder:
             "request-id"
         )
         try:
-            return await self._relay(request, resp, ex, dialect if ex.operation else None)
+            return await self._relay(
+                request, resp, ex, dialect if ex.operation else None
+            )
         finally:
             resp.close()
             if ex.status >= 400 and ex.error_type is None:
@@ -125,7 +133,9 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Stream the upstream response to the client as it arrives."""
         out = web.StreamResponse(
-            status=resp.status, reason=resp.reason, headers=client_response_headers(resp.headers)
+            status=resp.status,
+            reason=resp.reason,
+            headers=client_response_headers(resp.headers),
         )
         tap = Tap(
             ex,
@@ -161,7 +171,9 @@ class Forwarder:
             if _client_gone(request):
                 _client_went_away(ex)
             else:
-                ex.fail("stream_truncated", f"the upstream broke off: {type(exc).__name__}")
+                ex.fail(
+                    "stream_truncated", f"the upstream broke off: {type(exc).__name__}"
+                )
                 _abort(request)
         finally:
             watchdog.cancel()

@@ -27,7 +27,10 @@ class Router:
             by_prefix.setdefault(route.prefix, []).append(route)
         # Within a prefix, routes with model patterns are tried before a catch-all.
         self._by_prefix = sorted(
-            ((p, sorted(rs, key=lambda r: not r.models)) for p, rs in by_prefix.items()),
+            (
+                (p, sorted(rs, key=lambda r: not r.models))
+                for p, rs in by_prefix.items()
+            ),
             key=lambda item: len(item[0]),
             reverse=True,
         )
@@ -38,8 +41,11 @@ class Router:
         Paths with dot segments match nothing: forwarded as they are, they could
         climb out of the route's prefix on the upstream.
         """
-        if not path.startswith("/") or any(s in path for s in _DOT_SEGMENTS) \
-                or path.endswith(("/..", "/.")):
+        if (
+            not path.startswith("/")
+            or any(s in path for s in _DOT_SEGMENTS)
+            or path.endswith(("/..", "/."))
+        ):
             return []
         found: list[Route] = []
         for prefix, routes in self._by_prefix:
@@ -62,4 +68,4 @@ def upstream_path(route: Route, path: str) -> str:
     """The path to request upstream for ``path`` on ``route``."""
     if not route.strip_prefix or route.prefix == "/":
         return path
-    return path[len(route.prefix):] or "/"
+    return path[len(route.prefix) :] or "/"

@@ -61,7 +61,7 @@ class SSEReader:
         return events
 
     def close(self) -> list[Event]:
-        """End of stream: an unterminated last line still counts, a partial event not."""
+        """End of stream: flush a last line ended by ``\\r``; drop a partial event."""
         if self.failed is not None:
             return []
         events: list[Event] = []

@@ -16,15 +16,25 @@ from .dialects import Dialect
 from .exchange import Exchange
 from .sse import DEFAULT_MAX_EVENT_BYTES, SSEReader
 
-_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
-          "deflate": zlib.MAX_WBITS}
+_WBITS = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
 
 
 class Tap:
     """Parses one response for its exchange record."""
 
     __slots__ = (
-        "_body", "_decoder", "_dialect", "_ex", "_kept", "_max", "_sse", "_stream"
+        "_body",
+        "_decoder",
+        "_dialect",
+        "_ex",
+        "_kept",
+        "_max",
+        "_sse",
+        "_stream",
     )
 
     def __init__(

@@ -95,24 +95,39 @@ class FakeProvider:
     pace: float = 0.0
     closed_early: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def reply(self, recording: Recording, chunks: list[bytes] | None = None,
-              pace: float = 0.0) -> None:
+    def reply(
+        self, recording: Recording, chunks: list[bytes] | None = None, pace: float = 0.0
+    ) -> None:
         """Answer the next requests with ``recording``, written as ``chunks``."""
-        self.recording, self.chunks, self.pace, self.handler = recording, chunks, pace, None
+        self.recording, self.chunks, self.pace, self.handler = (
+            recording,
+            chunks,
+            pace,
+            None,
+        )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(
-            Received(request.method, request.path_qs, CIMultiDict(request.headers), body)
+            Received(
+                request.method, request.path_qs, CIMultiDict(request.headers), body
+            )
         )
         if self.handler is not None:
             return await self.handler(request)
         if self.recording is None:
-            return web.json_response({"error": {"message": "no reply scripted"}}, status=500)
+            return web.json_response(
+                {"error": {"message": "no reply scripted"}}, status=500
+            )
         return await self.write(request, self.recording, self.chunks, self.pace)
 
-    async def write(self, request: web.Request, rec: Recording,
-                    chunks: list[bytes] | None, pace: float) -> web.StreamResponse:
+    async def write(
+        self,
+        request: web.Request,
+        rec: Recording,
+        chunks: list[bytes] | None,
+        pace: float,
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(status=rec.status, headers=rec.headers)
         if chunks is None:
             resp.content_length = len(rec.body)

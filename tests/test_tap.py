@@ -7,8 +7,8 @@ import random
 import zlib
 
 import pytest
-
 from conftest import FIXTURES, Recording, split_randomly
+
 from llmproxy.dialects import dialect_for
 from llmproxy.exchange import Exchange
 from llmproxy.tap import Tap
@@ -16,34 +16,93 @@ from llmproxy.tap import Tap
 # name, api, path, expected (input, output, cached, cache_creation, reasoning),
 # finish reasons, response model
 EXPECTED = [
-    ("openai/chat_completions_stream_include_usage", "openai", "/v1/chat/completions",
-     (12, 5, 0, None, 0), ["stop"], "gpt-4-0613"),
-    ("openai/responses_stream", "openai", "/v1/responses",
-     (22, 6, 0, None, 0), ["stop"], "gpt-4o-mini-2024-07-18"),
-    ("openai/chat_completion", "openai", "/v1/chat/completions",
-     (15, 31, 0, None, 0), ["stop"], "gpt-3.5-turbo-0125"),
-    ("openai/embeddings.reformatted", "openai", "/v1/embeddings",
-     (6, 0, None, None, None), [], "text-embedding-3-small"),
-    ("anthropic/messages_stream", "anthropic", "/v1/messages",
-     (17, 10, 0, 0, None), ["end_turn"], "claude-sonnet-4-5-20250929"),
-    ("anthropic/messages_stream_thinking", "anthropic", "/v1/messages",
-     (46, 84, 0, 0, None), ["end_turn"], "claude-sonnet-4-5-20250929"),
-    ("anthropic/messages_stream_tool_use", "anthropic", "/v1/messages",
-     (542, 62, 0, 0, None), ["tool_use"], "claude-haiku-4-5-20251001"),
-    ("anthropic/message", "anthropic", "/v1/messages",
-     (17, 220, None, None, None), ["end_turn"], "claude-3-opus-20240229"),
-    ("vllm/chat_completions_stream", "openai", "/v1/chat/completions",
-     (None, None, None, None, None), ["length"], "facebook/opt-125m"),
+    (
+        "openai/chat_completions_stream_include_usage",
+        "openai",
+        "/v1/chat/completions",
+        (12, 5, 0, None, 0),
+        ["stop"],
+        "gpt-4-0613",
+    ),
+    (
+        "openai/responses_stream",
+        "openai",
+        "/v1/responses",
+        (22, 6, 0, None, 0),
+        ["stop"],
+        "gpt-4o-mini-2024-07-18",
+    ),
+    (
+        "openai/chat_completion",
+        "openai",
+        "/v1/chat/completions",
+        (15, 31, 0, None, 0),
+        ["stop"],
+        "gpt-3.5-turbo-0125",
+    ),
+    (
+        "openai/embeddings.reformatted",
+        "openai",
+        "/v1/embeddings",
+        (6, 0, None, None, None),
+        [],
+        "text-embedding-3-small",
+    ),
+    (
+        "anthropic/messages_stream",
+        "anthropic",
+        "/v1/messages",
+        (17, 10, 0, 0, None),
+        ["end_turn"],
+        "claude-sonnet-4-5-20250929",
+    ),
+    (
+        "anthropic/messages_stream_thinking",
+        "anthropic",
+        "/v1/messages",
+        (46, 84, 0, 0, None),
+        ["end_turn"],
+        "claude-sonnet-4-5-20250929",
+    ),
+    (
+        "anthropic/messages_stream_tool_use",
+        "anthropic",
+        "/v1/messages",
+        (542, 62, 0, 0, None),
+        ["tool_use"],
+        "claude-haiku-4-5-20251001",
+    ),
+    (
+        "anthropic/message",
+        "anthropic",
+        "/v1/messages",
+        (17, 220, None, None, None),
+        ["end_turn"],
+        "claude-3-opus-20240229",
+    ),
+    (
+        "vllm/chat_completions_stream",
+        "openai",
+        "/v1/chat/completions",
+        (None, None, None, None, None),
+        ["length"],
+        "facebook/opt-125m",
+    ),
 ]
 
 
-def run_tap(rec: Recording, api: str, path: str, chunks: list[bytes],
-            complete: bool = True) -> Exchange:
+def run_tap(
+    rec: Recording, api: str, path: str, chunks: list[bytes], complete: bool = True
+) -> Exchange:
     ex = Exchange("t", "POST", path)
     ex.status = rec.status
     ex.operation, dialect = dialect_for(api, path)
-    tap = Tap(ex, dialect, rec.headers.get("Content-Type", ""),
-              rec.headers.get("Content-Encoding", ""))
+    tap = Tap(
+        ex,
+        dialect,
+        rec.headers.get("Content-Type", ""),
+        rec.headers.get("Content-Encoding", ""),
+    )
     for chunk in chunks:
         tap.feed(chunk)
     tap.close(complete)
@@ -51,15 +110,25 @@ def run_tap(rec: Recording, api: str, path: str, chunks: list[bytes],
 
 
 def usage(ex: Exchange) -> tuple[int | None, ...]:
-    return (ex.input_tokens, ex.output_tokens, ex.cached_input_tokens,
-            ex.cache_creation_input_tokens, ex.reasoning_tokens)
+    return (
+        ex.input_tokens,
+        ex.output_tokens,
+        ex.cached_input_tokens,
+        ex.cache_creation_input_tokens,
+        ex.reasoning_tokens,
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize(("name", "api", "path", "tokens", "finish", "model"), EXPECTED)
 def test_recording_read_at_random_splits(
-    name: str, api: str, path: str, tokens: tuple[int | None, ...],
-    finish: list[str], model: str, seed: int,
+    name: str,
+    api: str,
+    path: str,
+    tokens: tuple[int | None, ...],
+    finish: list[str],
+    model: str,
+    seed: int,
 ) -> None:
     rec = Recording.load(name)
     max_piece = [1, 7, 64, 500, len(rec.body)][seed]
@@ -74,7 +143,8 @@ def test_recording_read_at_random_splits(
 
 def test_gzip_recording_is_decoded_for_parsing() -> None:
     rec = Recording.load(
-        "anthropic/messages_stream_tool_use", "anthropic/messages_stream_tool_use.sse.gz"
+        "anthropic/messages_stream_tool_use",
+        "anthropic/messages_stream_tool_use.sse.gz",
     )
     assert rec.headers["Content-Encoding"] == "gzip"
     for seed in range(3):
@@ -107,12 +177,21 @@ def test_unreadable_coding_is_noted() -> None:
     assert ex.parse_error == "unreadable content-encoding 'br'"
 
 
-@pytest.mark.parametrize(("name", "api", "path"), [
-    ("openai/chat_completions_stream_include_usage", "openai", "/v1/chat/completions"),
-    ("openai/responses_stream", "openai", "/v1/responses"),
-    ("anthropic/messages_stream", "anthropic", "/v1/messages"),
-])
-def test_stream_without_terminal_event_is_truncated(name: str, api: str, path: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "api", "path"),
+    [
+        (
+            "openai/chat_completions_stream_include_usage",
+            "openai",
+            "/v1/chat/completions",
+        ),
+        ("openai/responses_stream", "openai", "/v1/responses"),
+        ("anthropic/messages_stream", "anthropic", "/v1/messages"),
+    ],
+)
+def test_stream_without_terminal_event_is_truncated(
+    name: str, api: str, path: str
+) -> None:
     rec = Recording.load(name)
     cut = rec.body[: len(rec.body) * 2 // 3]
     ex = run_tap(rec, api, path, [cut])
@@ -121,17 +200,22 @@ def test_stream_without_terminal_event_is_truncated(name: str, api: str, path: s
 
 
 def test_cumulative_usage_on_every_chunk_is_not_summed() -> None:
-    chunk = (b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"x"},'
-             b'"finish_reason":null}],"usage":{"prompt_tokens":9,"completion_tokens":%d}}\n\n')
+    chunk = (
+        b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"x"},'
+        b'"finish_reason":null}],"usage":{"prompt_tokens":9,"completion_tokens":%d}}\n\n'
+    )
     body = b"".join(chunk % n for n in range(1, 6)) + b"data: [DONE]\n\n"
-    rec = Recording("x", 200, Recording.load("vllm/chat_completions_stream").headers, body)
+    rec = Recording(
+        "x", 200, Recording.load("vllm/chat_completions_stream").headers, body
+    )
     ex = run_tap(rec, "openai", "/v1/chat/completions", [body])
     assert (ex.input_tokens, ex.output_tokens) == (9, 5)
 
 
 def test_anthropic_message_delta_usage_supersedes_start() -> None:
     body = (
-        b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","model":"c",'
+        b'event: message_start\ndata: {"type":"message_start",'
+        b'"message":{"id":"m","model":"c",'
         b'"usage":{"input_tokens":5,"cache_read_input_tokens":100,'
         b'"cache_creation_input_tokens":20,"output_tokens":1}}}\n\n'
         b'event: content_block_delta\ndata: {"type":"content_block_delta"}\n\n'
@@ -148,45 +232,73 @@ def test_anthropic_message_delta_usage_supersedes_start() -> None:
     assert ex.finish_reasons == ["max_tokens"]
 
 
-@pytest.mark.parametrize(("body", "error_type"), [
-    (b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
-     b'"message":"Overloaded"}}\n\n', "overloaded"),
-    (b'event: error\ndata: {"type":"error","error":{"type":"rate_limit_error",'
-     b'"message":"slow down"}}\n\n', "rate_limited"),
-])
+@pytest.mark.parametrize(
+    ("body", "error_type"),
+    [
+        (
+            b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+            b'"message":"Overloaded"}}\n\n',
+            "overloaded",
+        ),
+        (
+            b'event: error\ndata: {"type":"error","error":{"type":"rate_limit_error",'
+            b'"message":"slow down"}}\n\n',
+            "rate_limited",
+        ),
+    ],
+)
 def test_anthropic_mid_stream_error_event(body: bytes, error_type: str) -> None:
     start = Recording.load("anthropic/messages_stream").body.split(b"\n\n")[0] + b"\n\n"
-    rec = Recording("x", 200, Recording.load("anthropic/messages_stream").headers,
-                    start + body)
+    rec = Recording(
+        "x", 200, Recording.load("anthropic/messages_stream").headers, start + body
+    )
     ex = run_tap(rec, "anthropic", "/v1/messages", [rec.body])
     assert ex.error_type == error_type
     assert ex.input_tokens == 17
 
 
 def test_openai_mid_stream_error_chunk() -> None:
-    first = Recording.load("openai/chat_completions_stream_include_usage").body.split(
-        b"\n\n")[1] + b"\n\n"
-    body = first + b'data: {"error":{"message":"server overloaded","type":"server_error",' \
+    first = (
+        Recording.load("openai/chat_completions_stream_include_usage").body.split(
+            b"\n\n"
+        )[1]
+        + b"\n\n"
+    )
+    body = (
+        first + b'data: {"error":{"message":"server overloaded","type":"server_error",'
         b'"code":"server_is_overloaded"}}\n\n'
-    rec = Recording("x", 200, Recording.load("vllm/chat_completions_stream").headers, body)
+    )
+    rec = Recording(
+        "x", 200, Recording.load("vllm/chat_completions_stream").headers, body
+    )
     ex = run_tap(rec, "openai", "/v1/chat/completions", [body])
     assert ex.error_type == "overloaded"
 
 
 def test_responses_incomplete_and_failed() -> None:
     headers = Recording.load("openai/responses_stream").headers
-    incomplete = (b'event: response.incomplete\ndata: {"type":"response.incomplete",'
-                  b'"response":{"id":"r","model":"m","status":"incomplete",'
-                  b'"incomplete_details":{"reason":"max_output_tokens"},'
-                  b'"usage":{"input_tokens":3,"output_tokens":16}}}\n\n')
-    ex = run_tap(Recording("x", 200, headers, incomplete), "openai", "/v1/responses",
-                 [incomplete])
+    incomplete = (
+        b'event: response.incomplete\ndata: {"type":"response.incomplete",'
+        b'"response":{"id":"r","model":"m","status":"incomplete",'
+        b'"incomplete_details":{"reason":"max_output_tokens"},'
+        b'"usage":{"input_tokens":3,"output_tokens":16}}}\n\n'
+    )
+    ex = run_tap(
+        Recording("x", 200, headers, incomplete),
+        "openai",
+        "/v1/responses",
+        [incomplete],
+    )
     assert ex.finish_reasons == ["max_output_tokens"] and ex.output_tokens == 16
     assert ex.error_type is None and ex.terminal
-    failed = (b'event: response.failed\ndata: {"type":"response.failed","response":'
-              b'{"id":"r","status":"failed","error":{"code":"server_error",'
-              b'"message":"boom"}}}\n\n')
-    ex = run_tap(Recording("x", 200, headers, failed), "openai", "/v1/responses", [failed])
+    failed = (
+        b'event: response.failed\ndata: {"type":"response.failed","response":'
+        b'{"id":"r","status":"failed","error":{"code":"server_error",'
+        b'"message":"boom"}}}\n\n'
+    )
+    ex = run_tap(
+        Recording("x", 200, headers, failed), "openai", "/v1/responses", [failed]
+    )
     assert ex.error_type == "upstream_5xx"
 
 
@@ -199,9 +311,12 @@ def test_error_body_is_classified() -> None:
 
 def test_malformed_sse_costs_only_telemetry() -> None:
     body = b"data: {not json}\n\ndata: [DONE]\n\n"
-    rec = Recording("x", 200, Recording.load("vllm/chat_completions_stream").headers, body)
-    ex = run_tap(rec, "openai", "/v1/chat/completions", split_randomly(
-        body, random.Random(0), 3))
+    rec = Recording(
+        "x", 200, Recording.load("vllm/chat_completions_stream").headers, body
+    )
+    ex = run_tap(
+        rec, "openai", "/v1/chat/completions", split_randomly(body, random.Random(0), 3)
+    )
     assert ex.parse_error == "invalid JSON in response"
     assert ex.terminal and ex.error_type is None
 
@@ -219,6 +334,9 @@ def test_event_larger_than_limit_gives_up_parsing() -> None:
 
 def test_fixture_directory_present() -> None:
     assert (FIXTURES / "SOURCES.md").exists()
-    assert gzip.decompress(
-        (FIXTURES / "anthropic/messages_stream_tool_use.sse.gz").read_bytes()
-    ) == (FIXTURES / "anthropic/messages_stream_tool_use.sse").read_bytes()
+    assert (
+        gzip.decompress(
+            (FIXTURES / "anthropic/messages_stream_tool_use.sse.gz").read_bytes()
+        )
+        == (FIXTURES / "anthropic/messages_stream_tool_use.sse").read_bytes()
+    )

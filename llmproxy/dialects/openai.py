@@ -52,8 +52,9 @@ def stream_event(ex: Exchange, name: str, data: bytes) -> None:
         return
     if b'"usage"' in data and not any(m in data for m in _NULL_MARKS):
         ex.pending_usage = data
-    if (b'"finish_reason"' in data and not any(m in data for m in _FINISH_NULL)) \
-            or b'"error"' in data:
+    if (
+        b'"finish_reason"' in data and not any(m in data for m in _FINISH_NULL)
+    ) or b'"error"' in data:
         obj = _loads(ex, data)
         if obj is not None:
             _chunk(ex, obj, first=False)
@@ -94,7 +95,7 @@ def body(ex: Exchange, data: bytes) -> None:
         if ex.status < 400:
             ex.fail("malformed_response", "response body is not a JSON object")
         return
-    if ex.status >= 400 or "error" in obj and obj.get("object") is None:
+    if ex.status >= 400 or ("error" in obj and obj.get("object") is None):
         ex.fail(classify_status(ex.status, obj) or "upstream_4xx", _message(obj))
         return
     if obj.get("object") == "response":
@@ -179,7 +180,9 @@ def _response(ex: Exchange, resp: dict[str, Any]) -> None:
     _head(ex, resp)
     status = resp.get("status")
     if status == "failed":
-        ex.fail(classify_error(resp.get("error")), _message({"error": resp.get("error")}))
+        ex.fail(
+            classify_error(resp.get("error")), _message({"error": resp.get("error")})
+        )
     elif status == "incomplete":
         details = resp.get("incomplete_details")
         reason = details.get("reason") if isinstance(details, dict) else None
