@@ -7,13 +7,14 @@ from a configuration that has a problem.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
@@ -145,8 +146,8 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _UNIT[m.group(2)]
     else:
         raise ValueError(f"expected a duration such as 250ms, 5s or 10m, got {value!r}")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("a duration must be a finite, non-negative number")
     return seconds
 
 
@@ -170,6 +171,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -223,9 +226,9 @@ class _Validator:
     def _env(self, match: re.Match[str], path: str) -> str:
         name, default = match.group(1), match.group(2)
         value = os.environ.get(name)
+        if not value and default is not None:
+            return default  # as in the shell, :- also covers a set but empty variable
         if value is None:
-            if default is not None:
-                return default
             self.fail(path, f"environment variable {name} is not set")
             return ""
         return value
@@ -341,7 +344,7 @@ class _Validator:
             },
         )
         url = raw.get("url")
-        parts = urlsplit(url) if isinstance(url, str) else None
+        parts = _split_url(url)
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             self.fail(
                 _join(path, "url"), "expected an http:// or https:// URL with a host"
@@ -487,7 +490,7 @@ class _Validator:
             return None
         prefix = prefix.rstrip("/") or "/"
         upstream = raw.get("upstream")
-        if upstream not in upstreams:
+        if not isinstance(upstream, str) or upstream not in upstreams:
             self.fail(_join(path, "upstream"), f"unknown upstream {upstream!r}")
         fallbacks = self.names(raw.get("fallbacks"), _join(path, "fallbacks"))
         for i, fallback in enumerate(fallbacks):
@@ -579,6 +582,18 @@ class _Validator:
             max_models=self.integer(raw, "max_models", path, 50, 1),
             log_requests=self.boolean(raw, "log_requests", path, True),
         )
+
+
+def _split_url(url: object) -> SplitResult | None:
+    """``url`` split, or ``None`` if it is not a URL with a valid port."""
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return None
+    return parts
 
 
 def _join(path: str, key: str) -> str:

@@ -8,6 +8,7 @@ monotonic clock; ``started`` is also kept as wall-clock time for logs and spans.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 TOKEN_FIELDS = (
@@ -20,37 +21,75 @@ TOKEN_FIELDS = (
 """(``gen_ai_token_type`` label value, ``Exchange`` attribute) pairs."""
 
 
+class Attempt:
+    """One try at an upstream: a CLIENT span, one observation in the GenAI metrics."""
+
+    __slots__ = (
+        "ended",
+        "error_type",
+        "server_address",
+        "server_port",
+        "span_id",
+        "started",
+        "status",
+        "t_headers",
+        "upstream",
+    )
+
+    def __init__(self, upstream: str, server_address: str, server_port: int) -> None:
+        self.upstream = upstream
+        self.server_address = server_address
+        self.server_port = server_port
+        self.started = time.perf_counter()
+        self.t_headers: float | None = None
+        self.ended: float | None = None
+        self.status = 0
+        self.error_type: str | None = None
+        self.span_id = 0
+
+
 class Exchange:
     """What one client request was, how long each phase took and how it ended."""
 
     __slots__ = (
         "api",
+        "arrivals",
         "attempts",
         "bytes_in",
         "bytes_out",
         "cache_creation_input_tokens",
         "cached_input_tokens",
+        "capture",
         "client_disconnected",
         "ended",
         "error_message",
         "error_type",
+        "estimated",
         "events",
         "finish_reasons",
         "input_tokens",
         "method",
         "operation",
+        "output_parts",
+        "output_seen",
         "output_tokens",
+        "parent_span_id",
         "parse_error",
         "path",
         "pending_usage",
+        "prompt_chars",
         "prompt_fingerprint",
         "provider",
         "reasoning_tokens",
+        "refusal",
+        "request_headers",
         "request_id",
         "request_model",
+        "response_headers",
         "response_id",
         "response_model",
         "route",
+        "span_id",
         "started",
         "started_wall",
         "status",
@@ -59,12 +98,16 @@ class Exchange:
         "t_first_token",
         "t_headers",
         "t_last_byte",
+        "t_sent",
         "terminal",
+        "tool_args",
         "trace_id",
         "upstream",
         "upstream_request_id",
+        "usage_injected",
         "usage_source",
         "wants_json",
+        "wants_tools",
     )
 
     def __init__(self, request_id: str, method: str, path: str) -> None:
@@ -82,10 +125,29 @@ class Exchange:
         self.response_model: str | None = None
         self.response_id: str | None = None
         self.upstream_request_id: str | None = None
-        self.trace_id: str | None = None
+        # W3C trace context: ids as ints, 0 when tracing is off.
+        self.trace_id = 0
+        self.span_id = 0
+        self.parent_span_id = 0
+        # Kept by reference, read by the sinks after the request.
+        self.request_headers: Mapping[str, str] | None = None
+        self.response_headers: Mapping[str, str] | None = None
         self.prompt_fingerprint: str | None = None
         self.stream = False
         self.wants_json = False
+        self.wants_tools = False
+        self.prompt_chars = 0
+        # The answer's text and tool arguments are kept only when a check needs
+        # them: the request asked for JSON output or offered tools.
+        self.capture = False
+        self.output_parts: list[str] = []
+        self.tool_args: dict[int, list[str]] = {}
+        self.output_seen = False
+        self.refusal = False
+        self.usage_injected = False
+        self.estimated = False
+        # Arrival times of a stream's chunks, for the time per output chunk.
+        self.arrivals: list[float] | None = None
         self.status = 0
         self.error_type: str | None = None
         self.error_message: str | None = None
@@ -101,10 +163,11 @@ class Exchange:
         self.pending_usage: Any = None
         self.parse_error: str | None = None
         self.client_disconnected = False
-        self.attempts = 0
+        self.attempts: list[Attempt] = []
         self.events = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.t_sent: float | None = None
         self.t_headers: float | None = None
         self.t_first_byte: float | None = None
         self.t_first_token: float | None = None
@@ -133,7 +196,7 @@ class Exchange:
         """The fields of the per-request log line; ``None`` values are left out."""
         fields: dict[str, Any] = {
             "request_id": self.request_id,
-            "trace_id": self.trace_id,
+            "trace_id": f"{self.trace_id:032x}" if self.trace_id else None,
             "method": self.method,
             "path": self.path,
             "route": self.route,
@@ -151,7 +214,7 @@ class Exchange:
             "finish_reasons": self.finish_reasons or None,
             "usage_source": self.usage_source,
             "prompt_fingerprint": self.prompt_fingerprint,
-            "attempts": self.attempts,
+            "attempts": len(self.attempts),
             "bytes_out": self.bytes_out,
             "duration_s": round(self.duration, 6),
             "upstream_headers_s": _round(self.since_start(self.t_headers)),

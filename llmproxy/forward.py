@@ -18,9 +18,11 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .classify import classify_status
 from .config import Config
@@ -32,16 +34,22 @@ from .errors import (
     UpstreamTimeoutError,
     error_body,
 )
-from .exchange import Exchange
+from .exchange import Attempt, Exchange
 from .headers import client_response_headers, upstream_request_headers
+from .injection import UsageStripper, inject_usage
 from .routing import Router, upstream_path
 from .tap import Tap
 from .upstream import UpstreamClient, Watchdog
+
+if TYPE_CHECKING:
+    from .telemetry.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
 Recorder = Callable[[Exchange], None]
 _ID_PREFIX = os.urandom(4).hex()
+# Enough arrival times for the time-per-chunk metric of a long answer, bounded.
+_MAX_ARRIVALS = 8192
 
 
 class Forwarder:
@@ -52,12 +60,16 @@ class Forwarder:
         config: Config,
         clients: Mapping[str, UpstreamClient],
         record: Recorder,
+        tracer: Tracer | None = None,
     ) -> None:
         self.config = config
         self.router = Router(config.routes)
         self.clients = clients
         self.record = record
+        self.tracer = tracer
         self.max_body = config.server.max_body_bytes
+        # Upstreams seen to reject stream_options: usage is not injected there.
+        self.no_injection: set[str] = set()
         self._seq = 0
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -91,12 +103,15 @@ class Forwarder:
             raise NoRouteError(f"no route for {path[:200]!r}")
         body = await _read_body(request, self.max_body)
         ex.bytes_in = len(body)
-        inspect_request(ex, body)
+        ex.request_headers = request.headers
+        payload = inspect_request(ex, body)
         route = self.router.choose(candidates, ex.request_model)
         if route is None:
             raise NoRouteError(
                 f"no route for model {ex.request_model!r} on {path[:200]!r}"
             )
+        if self.tracer is not None:
+            self.tracer.start(ex, request.headers)
 
         client = self.clients[route.upstream]
         upstream = client.upstream
@@ -107,14 +122,16 @@ class Forwarder:
         if query:
             url = f"{url}?{query}"
         headers = upstream_request_headers(request.headers, upstream.headers)
+        sent = body
+        if upstream.name not in self.no_injection:
+            sent = inject_usage(ex, upstream, payload) or body
+        if ex.usage_injected:
+            headers["Accept-Encoding"] = "identity"
 
-        ex.attempts += 1
-        resp = await client.send(request.method, url, headers, body, ex)
-        ex.t_headers = time.perf_counter()
-        ex.status = resp.status
-        ex.upstream_request_id = resp.headers.get("x-request-id") or resp.headers.get(
-            "request-id"
-        )
+        resp = await self._attempt(client, request.method, url, headers, sent, ex)
+        if ex.usage_injected and resp.status == 400:
+            resp = await self._without_injection(client, request, url, body, ex, resp)
+        attempt = ex.attempts[-1]
         try:
             return await self._relay(
                 request, resp, ex, dialect if ex.operation else None
@@ -123,6 +140,68 @@ class Forwarder:
             resp.close()
             if ex.status >= 400 and ex.error_type is None:
                 ex.fail(classify_status(ex.status) or "upstream_4xx")
+            attempt.ended = time.perf_counter()
+            attempt.error_type = ex.error_type
+
+    async def _attempt(
+        self,
+        client: UpstreamClient,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        ex: Exchange,
+    ) -> aiohttp.ClientResponse:
+        """One try at the upstream, recorded as an ``Attempt``."""
+        attempt = Attempt(client.upstream.name, client.host, client.port)
+        ex.attempts.append(attempt)
+        if self.tracer is not None:
+            self.tracer.inject(ex, attempt, headers)
+        ex.t_sent = attempt.started
+        try:
+            resp = await client.send(method, url, headers, body, ex)
+        except ProxyError as exc:
+            attempt.ended = time.perf_counter()
+            attempt.error_type = exc.error_type
+            raise
+        attempt.t_headers = ex.t_headers = time.perf_counter()
+        attempt.status = ex.status = resp.status
+        ex.response_headers = resp.headers
+        ex.upstream_request_id = resp.headers.get("x-request-id") or resp.headers.get(
+            "request-id"
+        )
+        return resp
+
+    async def _without_injection(
+        self,
+        client: UpstreamClient,
+        request: web.BaseRequest,
+        url: str,
+        body: bytes,
+        ex: Exchange,
+        rejected: aiohttp.ClientResponse,
+    ) -> aiohttp.ClientResponse:
+        """Resend the client's own request after a 400 to an injected one.
+
+        Some OpenAI-compatible servers refuse ``stream_options``; the client must
+        not get an error it would not have had without the proxy. A 400 costs
+        nothing, so the retry is unconditional: a genuine 400 simply comes back
+        again. When the retry succeeds, injection stays off for that upstream.
+        """
+        rejected.close()
+        ex.attempts[-1].ended = time.perf_counter()
+        ex.attempts[-1].error_type = "upstream_4xx"
+        ex.usage_injected = False
+        upstream = client.upstream
+        headers = upstream_request_headers(request.headers, upstream.headers)
+        resp = await self._attempt(client, request.method, url, headers, body, ex)
+        if resp.status < 400 and upstream.name not in self.no_injection:
+            self.no_injection.add(upstream.name)
+            log.warning(
+                "usage.injection_rejected",
+                extra={"fields": {"upstream": upstream.name}},
+            )
+        return resp
 
     async def _relay(
         self,
@@ -151,15 +230,26 @@ class Forwarder:
         read = resp.content.readany
         write = out.write
         feed = tap.feed
+        strip = UsageStripper() if ex.usage_injected else None
+        arrivals = ex.arrivals = [] if tap.streaming else None
         try:
             while chunk := await read():
-                await write(chunk)
+                if strip is None:
+                    await write(chunk)
+                    ex.bytes_out += len(chunk)
+                elif edited := strip.feed(chunk):
+                    await write(edited)
+                    ex.bytes_out += len(edited)
                 now = time.perf_counter()
                 if ex.t_first_byte is None:
                     ex.t_first_byte = now
                 ex.t_last_byte = now
-                ex.bytes_out += len(chunk)
+                if arrivals is not None and len(arrivals) < _MAX_ARRIVALS:
+                    arrivals.append(now)
                 feed(chunk)
+            if strip is not None and (rest := strip.flush()):
+                await write(rest)
+                ex.bytes_out += len(rest)
             complete = True
         except asyncio.CancelledError:
             _client_went_away(ex)

@@ -33,11 +33,11 @@ READABLE_CODINGS = ("gzip", "deflate")
 _PROXY_HEADER_PREFIX = "x-llmproxy-"
 
 
-def _connection_listed(headers: Mapping[str, str]) -> frozenset[str]:
-    value = headers.get("connection")
-    if not value:
-        return frozenset()
-    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    values = headers.getall("connection", [])
+    return frozenset(
+        t.strip().lower() for value in values for t in value.split(",") if t.strip()
+    )
 
 
 def upstream_request_headers(
@@ -53,9 +53,8 @@ def upstream_request_headers(
         if lower in drop or lower.startswith(_PROXY_HEADER_PREFIX):
             continue
         if lower == "accept-encoding":
-            value = _readable_codings(value)
-            if not value:
-                continue
+            # Only what the proxy can read; never nothing, which would mean "any".
+            value = _readable_codings(value) or "identity"
         out.add(key, value)
     for key, value in injected.items():
         out[key] = value

@@ -24,7 +24,16 @@ Event = tuple[str, bytes]
 class SSEReader:
     """Feed chunks in, get complete events out."""
 
-    __slots__ = ("_buf", "_cr", "_data", "_name", "_size", "failed", "max_event_bytes")
+    __slots__ = (
+        "_buf",
+        "_cr",
+        "_data",
+        "_name",
+        "_size",
+        "_started",
+        "failed",
+        "max_event_bytes",
+    )
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.max_event_bytes = max_event_bytes
@@ -34,6 +43,7 @@ class SSEReader:
         self._name = ""
         self._data: list[bytes] = []
         self._size = 0
+        self._started = False
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Parse ``chunk`` and return the events it completed, oldest first."""
@@ -48,6 +58,14 @@ class SSEReader:
                 self._cr = True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._buf + chunk if self._buf else chunk
+        if not self._started:
+            # The standard drops one byte order mark at the start of a stream.
+            if len(buf) < 3 and b"\xef\xbb\xbf".startswith(buf):
+                self._buf = buf
+                return []
+            self._started = True
+            if buf.startswith(b"\xef\xbb\xbf"):
+                buf = buf[3:]
 
         events: list[Event] = []
         start = 0

@@ -68,6 +68,11 @@ class Tap:
                 self._sse = None
                 self._body = None
 
+    @property
+    def streaming(self) -> bool:
+        """Whether the response is an event stream the tap reads."""
+        return self._stream
+
     def feed(self, chunk: bytes) -> None:
         """Read a copy of one forwarded chunk."""
         sse = self._sse

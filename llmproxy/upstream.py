@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
@@ -27,6 +28,9 @@ class UpstreamClient:
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
+        parts = urlsplit(upstream.url)
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
         t = upstream.timeouts
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(

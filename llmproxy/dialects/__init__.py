@@ -60,7 +60,10 @@ def inspect_request(ex: Exchange, body: bytes) -> dict[str, Any] | None:
         ex.request_model = model
     ex.stream = obj.get("stream") is True
     ex.wants_json = _wants_json(obj)
+    ex.wants_tools = bool(obj.get("tools") or obj.get("functions"))
+    ex.capture = ex.wants_json or ex.wants_tools
     ex.prompt_fingerprint = _fingerprint(obj)
+    ex.prompt_chars = _prompt_chars(obj)
     return obj
 
 
@@ -71,6 +74,30 @@ def _wants_json(obj: dict[str, Any]) -> bool:
     text = obj.get("text")  # Responses API
     fmt = text.get("format") if isinstance(text, dict) else None
     return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+
+
+def _prompt_chars(obj: dict[str, Any]) -> int:
+    """Characters of prompt text, for estimating input tokens when usage is missing."""
+    total = 0
+    for key in ("messages", "input", "prompt", "system", "instructions"):
+        total += _text_length(obj.get(key))
+    return total
+
+
+def _text_length(value: Any, depth: int = 0) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if depth > 6:
+        return 0
+    if isinstance(value, list):
+        return sum(_text_length(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return sum(
+            _text_length(v, depth + 1)
+            for k, v in value.items()
+            if k in ("content", "text", "input")
+        )
+    return 0
 
 
 def _fingerprint(obj: dict[str, Any]) -> str | None:

@@ -41,6 +41,9 @@ def stream_event(ex: Exchange, name: str, data: bytes) -> None:
     if name == "content_block_delta":
         if ex.t_first_token is None:
             ex.t_first_token = time.perf_counter()
+            ex.output_seen = True
+        if ex.capture:
+            _capture_delta(ex, _loads(ex, data))
     elif name == "message_start":
         obj = _loads(ex, data)
         message = obj.get("message") if isinstance(obj, dict) else None
@@ -53,6 +56,7 @@ def stream_event(ex: Exchange, name: str, data: bytes) -> None:
             delta = obj.get("delta")
             if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):
                 ex.finish_reasons.append(delta["stop_reason"])
+                ex.refusal = ex.refusal or delta["stop_reason"] == "refusal"
             _merge_usage(ex, obj.get("usage"))
     elif name == "message_stop":
         ex.terminal = True
@@ -82,8 +86,38 @@ def body(ex: Exchange, data: bytes) -> None:
     _head(ex, obj)
     if isinstance(obj.get("stop_reason"), str):
         ex.finish_reasons.append(obj["stop_reason"])
+        ex.refusal = obj["stop_reason"] == "refusal"
+    content = obj.get("content")
+    if isinstance(content, list):
+        for block in content:
+            _block_output(ex, block)
     _merge_usage(ex, obj.get("usage"))
     _settle_usage(ex)
+
+
+def _capture_delta(ex: Exchange, obj: Any) -> None:
+    """Keep text and tool-input fragments, for the JSON checks at the end."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("delta"), dict):
+        return
+    delta, index = obj["delta"], obj.get("index", 0)
+    if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+        ex.output_parts.append(delta["text"])
+    elif delta.get("type") == "input_json_delta" and isinstance(index, int):
+        partial = delta.get("partial_json")
+        if isinstance(partial, str):
+            ex.tool_args.setdefault(index, []).append(partial)
+
+
+def _block_output(ex: Exchange, block: Any) -> None:
+    """One content block of a whole message; tool inputs arrive already parsed."""
+    if not isinstance(block, dict):
+        return
+    if block.get("type") == "text" and block.get("text"):
+        ex.output_seen = True
+        if ex.capture:
+            ex.output_parts.append(str(block["text"]))
+    elif block.get("type") == "tool_use":
+        ex.output_seen = True
 
 
 def _head(ex: Exchange, message: dict[str, Any]) -> None:

@@ -45,13 +45,15 @@ def stream_event(ex: Exchange, name: str, data: bytes) -> None:
     if data == b"[DONE]":
         ex.terminal = True
         return
-    if ex.t_first_token is None:
+    if ex.t_first_token is None or ex.capture:
         obj = _loads(ex, data)
         if obj is not None:
-            _chunk(ex, obj, first=True)
+            _chunk(ex, obj, first=ex.response_model is None)
         return
     if b'"usage"' in data and not any(m in data for m in _NULL_MARKS):
         ex.pending_usage = data
+    if b'"refusal":"' in data:
+        ex.refusal = True
     if (
         b'"finish_reason"' in data and not any(m in data for m in _FINISH_NULL)
     ) or b'"error"' in data:
@@ -65,6 +67,7 @@ def responses_event(ex: Exchange, name: str, data: bytes) -> None:
     if name.endswith(".delta"):
         if ex.t_first_token is None:
             ex.t_first_token = time.perf_counter()
+            ex.output_seen = True
         return
     if name in _RESPONSES_TERMINAL or name == "response.created":
         obj = _loads(ex, data)
@@ -102,7 +105,12 @@ def body(ex: Exchange, data: bytes) -> None:
         _response(ex, obj)
         return
     _head(ex, obj)
-    _finish_reasons(ex, obj.get("choices"))
+    choices = obj.get("choices")
+    _finish_reasons(ex, choices)
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict):
+                _message_output(ex, choice)
     _usage(ex, obj.get("usage"))
 
 
@@ -118,6 +126,12 @@ def _chunk(ex: Exchange, obj: Any, first: bool) -> None:
     if isinstance(choices, list):
         if ex.t_first_token is None and any(_has_content(c) for c in choices):
             ex.t_first_token = time.perf_counter()
+            ex.output_seen = True
+        if ex.capture:
+            for choice in choices:
+                _capture_delta(ex, choice)
+        elif any(_delta(c).get("refusal") for c in choices):
+            ex.refusal = True
         _finish_reasons(ex, choices)
     usage = obj.get("usage")
     if isinstance(usage, dict):
@@ -131,14 +145,15 @@ def _head(ex: Exchange, obj: dict[str, Any]) -> None:
         ex.response_id = obj["id"]
 
 
+def _delta(choice: Any) -> dict[str, Any]:
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    return delta if isinstance(delta, dict) else {}
+
+
 def _has_content(choice: Any) -> bool:
-    if not isinstance(choice, dict):
-        return False
-    if choice.get("text"):  # legacy completions
+    if isinstance(choice, dict) and choice.get("text"):  # legacy completions
         return True
-    delta = choice.get("delta")
-    if not isinstance(delta, dict):
-        return False
+    delta = _delta(choice)
     return bool(
         delta.get("content")
         or delta.get("tool_calls")
@@ -146,6 +161,47 @@ def _has_content(choice: Any) -> bool:
         or delta.get("refusal")
         or delta.get("reasoning_content")
     )
+
+
+def _capture_delta(ex: Exchange, choice: Any) -> None:
+    """Keep the first choice's text and every tool call's argument fragments."""
+    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+        return
+    delta = _delta(choice)
+    text = delta.get("content", choice.get("text"))
+    if isinstance(text, str):
+        ex.output_parts.append(text)
+    if delta.get("refusal"):
+        ex.refusal = True
+    _capture_tool_calls(ex, delta.get("tool_calls"))
+
+
+def _capture_tool_calls(ex: Exchange, calls: Any) -> None:
+    if not isinstance(calls, list):
+        return
+    for position, call in enumerate(calls):
+        if not isinstance(call, dict):
+            continue
+        index = call.get("index", position)
+        function = call.get("function")
+        args = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(index, int) and isinstance(args, str):
+            ex.tool_args.setdefault(index, []).append(args)
+
+
+def _message_output(ex: Exchange, choice: dict[str, Any]) -> None:
+    """What a non-streamed choice answered: text, tool calls or a refusal."""
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if text or calls:
+        ex.output_seen = True
+    if isinstance(message, dict) and message.get("refusal"):
+        ex.refusal = True
+    if ex.capture and choice.get("index", 0) == 0:
+        if isinstance(text, str):
+            ex.output_parts.append(text)
+        _capture_tool_calls(ex, calls)
 
 
 def _finish_reasons(ex: Exchange, choices: Any) -> None:
@@ -189,7 +245,33 @@ def _response(ex: Exchange, resp: dict[str, Any]) -> None:
         ex.finish_reasons.append(str(reason or "incomplete"))
     elif status == "completed":
         ex.finish_reasons.append("stop")
+    output = resp.get("output")
+    if isinstance(output, list):
+        for item in output:
+            if isinstance(item, dict):
+                _response_item(ex, item)
     _usage(ex, resp.get("usage"))
+
+
+def _response_item(ex: Exchange, item: dict[str, Any]) -> None:
+    """One item of a Responses API ``output``: a message or a function call."""
+    if item.get("type") == "function_call":
+        ex.output_seen = True
+        if ex.capture and isinstance(item.get("arguments"), str):
+            ex.tool_args[len(ex.tool_args)] = [item["arguments"]]
+        return
+    content = item.get("content")
+    if item.get("type") != "message" or not isinstance(content, list):
+        return
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "refusal":
+            ex.refusal = True
+        elif part.get("type") == "output_text" and part.get("text"):
+            ex.output_seen = True
+            if ex.capture:
+                ex.output_parts.append(str(part["text"]))
 
 
 def _int(value: Any) -> int | None:
