@@ -8,17 +8,22 @@ port of 0 picks a free one, for tests) and ``stop`` drains and closes.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .admin import admin_app
 from .config import Config
+from .estimate import estimate_usage
 from .forward import Forwarder
 from .telemetry import Recorder, Sink
 from .telemetry.logging import log_exchange
+from .telemetry.metrics import Metrics
 from .upstream import UpstreamClient, new_clients
+
+if TYPE_CHECKING:
+    from .telemetry.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +36,14 @@ class Proxy:
         config: Config,
         *,
         registry: CollectorRegistry | None = None,
+        tracer: Tracer | None = None,
         sinks: list[Sink] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
-        self.recorder = Recorder(sinks if sinks is not None else self._default_sinks())
+        self.metrics = Metrics(config, self.registry)
+        self.tracer = tracer
+        self.recorder = Recorder([*self._default_sinks(), *(sinks or [])])
         self.clients: dict[str, UpstreamClient] = {}
         self.ready = False
         self.not_ready_reason = "starting"
@@ -44,7 +52,13 @@ class Proxy:
         self.admin_address: tuple[str, int] = config.server.admin_listen
 
     def _default_sinks(self) -> list[Sink]:
-        return [log_exchange] if self.config.telemetry.log_requests else []
+        # Estimates first: every later sink sees the same, settled record.
+        sinks: list[Sink] = [estimate_usage, self.metrics.observe]
+        if self.config.telemetry.log_requests:
+            sinks.append(log_exchange)
+        if self.tracer is not None:
+            sinks.append(self.tracer.sink)
+        return sinks
 
     @property
     def proxy_url(self) -> str:
@@ -57,7 +71,13 @@ class Proxy:
     async def start(self) -> None:
         """Bind both listeners; raises ``OSError`` if a port cannot be bound."""
         self.clients = new_clients(self.config.upstreams)
-        forwarder = Forwarder(self.config, self.clients, self.recorder)
+        forwarder = Forwarder(
+            self.config,
+            self.clients,
+            self.recorder,
+            tracer=self.tracer,
+            inflight=self.metrics.track_inflight(self.clients),
+        )
         server = web.Server(
             forwarder,
             handler_cancellation=True,
@@ -101,6 +121,8 @@ class Proxy:
         for client in self.clients.values():
             await client.close()
         self.recorder.flush()
+        if self.tracer is not None:
+            self.tracer.shutdown()
 
     def health_report(self) -> dict[str, Any]:
         """The ``/health`` document."""

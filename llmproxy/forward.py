@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import Gauge
 
 from .classify import classify_status
 from .config import Config
@@ -61,12 +62,14 @@ class Forwarder:
         clients: Mapping[str, UpstreamClient],
         record: Recorder,
         tracer: Tracer | None = None,
+        inflight: Mapping[str, Gauge] | None = None,
     ) -> None:
         self.config = config
         self.router = Router(config.routes)
         self.clients = clients
         self.record = record
         self.tracer = tracer
+        self.inflight = inflight or {}
         self.max_body = config.server.max_body_bytes
         # Upstreams seen to reject stream_options: usage is not injected there.
         self.no_injection: set[str] = set()
@@ -132,6 +135,9 @@ class Forwarder:
         if ex.usage_injected and resp.status == 400:
             resp = await self._without_injection(client, request, url, body, ex, resp)
         attempt = ex.attempts[-1]
+        gauge = self.inflight.get(upstream.name)
+        if gauge is not None:
+            gauge.inc()
         try:
             return await self._relay(
                 request, resp, ex, dialect if ex.operation else None
@@ -142,6 +148,8 @@ class Forwarder:
                 ex.fail(classify_status(ex.status) or "upstream_4xx")
             attempt.ended = time.perf_counter()
             attempt.error_type = ex.error_type
+            if gauge is not None:
+                gauge.dec()
 
     async def _attempt(
         self,

@@ -1,0 +1,366 @@
+"""Prometheus metrics: where every metric is born.
+
+``Metrics`` registers the GenAI semconv histograms (named as the OpenTelemetry
+Prometheus exporter renders them) and the ``llmproxy_*`` families on a registry
+it is given, so each test can use a fresh one. ``Metrics.observe`` is a
+recorder sink: it runs after the request, never on the per-chunk path.
+
+Every label is bounded: routes and upstreams come from config, error types and
+anomaly kinds from closed vocabularies, and models through ``BoundedLabel``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..anomalies import anomalies
+from ..config import Config
+from ..exchange import TOKEN_FIELDS, Attempt, Exchange
+from ..pricing import PriceTable
+from ..ratelimits import read_rate_limits, retry_after_seconds
+
+# Bucket boundaries from the OpenTelemetry GenAI semantic conventions.
+DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96,
+    81.92,
+)  # fmt: skip
+TOKEN_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216,
+    67108864,
+)  # fmt: skip
+CHUNK_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+FIRST_CHUNK_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+    7.5, 10.0,
+)  # fmt: skip
+# The proxy's own share is sub-millisecond when healthy: finer buckets there.
+OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+
+GENAI_LABELS = (
+    "gen_ai_operation_name",
+    "gen_ai_provider_name",
+    "gen_ai_request_model",
+    "gen_ai_response_model",
+    "route",
+    "upstream",
+)
+OTHER = "other"
+
+
+class BoundedLabel:
+    """A label whose distinct values are capped; later newcomers become ``other``."""
+
+    __slots__ = ("_limit", "_overflow", "_seen")
+
+    def __init__(self, limit: int, overflow: Counter | None = None) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._overflow = overflow
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return ""
+        if value in self._seen:
+            return value
+        if len(self._seen) < self._limit:
+            self._seen.add(value)
+            return value
+        if self._overflow is not None:
+            self._overflow.inc()
+        return OTHER
+
+
+class Metrics:
+    """The proxy's Prometheus metrics, fed one finished exchange at a time."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry) -> None:
+        self.prices = PriceTable.shipped().merged(config.pricing)
+        r = registry
+        self.label_overflow = Counter(
+            "llmproxy_label_overflow_total",
+            "Label values replaced by 'other' because the cap was reached.",
+            ["label"],
+            registry=r,
+        )
+        self.model = BoundedLabel(
+            config.telemetry.max_models, self.label_overflow.labels("model")
+        )
+        self._genai(r)
+        self._proxy(r)
+        self._provider(r)
+        self._seed(config)
+
+    def _genai(self, r: CollectorRegistry) -> None:
+        self.op_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "GenAI operation duration, per upstream attempt.",
+            [*GENAI_LABELS, "error_type"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens used per operation, by token type.",
+            [*GENAI_LABELS, "gen_ai_token_type"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.first_chunk = Histogram(
+            "gen_ai_client_operation_time_to_first_chunk_seconds",
+            "Time from sending the request to the first chunk of a streamed answer.",
+            GENAI_LABELS,
+            buckets=FIRST_CHUNK_BUCKETS,
+            registry=r,
+        )
+        self.per_chunk = Histogram(
+            "gen_ai_client_operation_time_per_output_chunk_seconds",
+            "Time between successive chunks of a streamed answer, after the first.",
+            GENAI_LABELS,
+            buckets=CHUNK_BUCKETS,
+            registry=r,
+        )
+
+    def _proxy(self, r: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "llmproxy_requests",
+            "Requests the proxy answered.",
+            ["route", "upstream", "model", "stream", "status_class", "error_type"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "llmproxy_request_duration_seconds",
+            "Request duration as the client saw it.",
+            ["route", "upstream", "stream"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "llmproxy_overhead_seconds",
+            "The proxy's own share of a request: its duration minus upstream time.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.headers_time = Histogram(
+            "llmproxy_time_to_response_headers_seconds",
+            "Time from sending a request upstream to its response headers.",
+            ["upstream"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.first_token = Histogram(
+            "llmproxy_time_to_first_token_seconds",
+            "Time from the request's arrival to the first content of the answer.",
+            ["route", "upstream", "model"],
+            buckets=FIRST_CHUNK_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "llmproxy_tokens",
+            "Tokens used, by type and by where the count came from.",
+            ["route", "upstream", "model", "type", "usage_source"],
+            registry=r,
+        )
+        self.usage_missing = Counter(
+            "llmproxy_usage_missing",
+            "Responses whose usage the provider did not report.",
+            ["route", "upstream"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "llmproxy_cost_usd",
+            "Cost in US dollars, from the price table.",
+            ["route", "upstream", "model"],
+            registry=r,
+        )
+        self.unpriced = Counter(
+            "llmproxy_unpriced_requests",
+            "Requests with usage but no price for their model: counted at no cost.",
+            ["route", "upstream", "model"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "llmproxy_errors",
+            "Failed requests, by error type.",
+            ["route", "upstream", "error_type"],
+            registry=r,
+        )
+        self.anomalies = Counter(
+            "llmproxy_response_anomalies",
+            "Answers that look wrong although the request succeeded.",
+            ["route", "upstream", "model", "kind"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "llmproxy_inflight_requests",
+            "Requests in flight to each upstream.",
+            ["upstream"],
+            registry=r,
+        )
+
+    def _provider(self, r: CollectorRegistry) -> None:
+        resource = ["upstream", "resource"]
+        self.rl_remaining = Gauge(
+            "llmproxy_ratelimit_remaining",
+            "Provider rate limit: what remains in the current window.",
+            resource,
+            registry=r,
+        )
+        self.rl_limit = Gauge(
+            "llmproxy_ratelimit_limit",
+            "Provider rate limit: the size of the window.",
+            resource,
+            registry=r,
+        )
+        self.rl_reset = Gauge(
+            "llmproxy_ratelimit_reset_seconds",
+            "Provider rate limit: seconds until the window resets.",
+            resource,
+            registry=r,
+        )
+        self.retry_after = Gauge(
+            "llmproxy_ratelimit_retry_after_seconds",
+            "The latest Retry-After the upstream sent.",
+            ["upstream"],
+            registry=r,
+        )
+
+    def _seed(self, config: Config) -> None:
+        """Create the per-upstream series at zero, so rate() works from the start."""
+        for name in config.upstreams:
+            self.inflight.labels(name)
+        for route in config.routes:
+            self.usage_missing.labels(route.name, route.upstream)
+
+    def observe(self, ex: Exchange) -> None:
+        """Record one finished exchange (a recorder sink)."""
+        route = ex.route or ""
+        upstream = ex.upstream or ""
+        model = self.model(ex.request_model or ex.response_model)
+        if not ex.route and ex.error_type in ("no_route", "payload_too_large"):
+            # Scanner traffic to random paths must not create series per path.
+            model = ""
+        stream = "true" if ex.stream else "false"
+
+        self.requests.labels(
+            route, upstream, model, stream, f"{ex.status // 100}xx", ex.error_type or ""
+        ).inc()
+        self.duration.labels(route, upstream, stream).observe(ex.duration)
+        if ex.error_type:
+            self.errors.labels(route, upstream, ex.error_type).inc()
+        if not ex.attempts:
+            return
+
+        self.overhead.labels(route).observe(_overhead(ex))
+        genai = self._genai_labels(ex, route, model)
+        for attempt in ex.attempts:
+            self._attempt(ex, attempt, genai)
+        if ex.response_headers is not None:
+            self._rate_limits(upstream, ex.response_headers)
+        if ex.operation is None:
+            return
+
+        if ex.t_first_token is not None:
+            self.first_token.labels(route, upstream, model).observe(
+                ex.t_first_token - ex.started
+            )
+        self._usage(ex, route, upstream, model, genai)
+        for kind in anomalies(ex):
+            self.anomalies.labels(route, upstream, model, kind).inc()
+
+    def _genai_labels(self, ex: Exchange, route: str, model: str) -> tuple[str, ...]:
+        return (
+            ex.operation or "",
+            ex.provider or "",
+            model,
+            self.model(ex.response_model) if ex.response_model else "",
+            route,
+            ex.upstream or "",
+        )
+
+    def _attempt(self, ex: Exchange, attempt: Attempt, genai: tuple[str, ...]) -> None:
+        if attempt.t_headers is not None:
+            self.headers_time.labels(attempt.upstream).observe(
+                attempt.t_headers - attempt.started
+            )
+        if ex.operation is None:
+            return
+        labels = (*genai[:5], attempt.upstream)
+        ended = attempt.ended or ex.ended or attempt.started
+        self.op_duration.labels(*labels, attempt.error_type or "").observe(
+            ended - attempt.started
+        )
+        if attempt is ex.attempts[-1] and ex.stream:
+            self._chunks(ex, attempt, labels)
+
+    def _chunks(self, ex: Exchange, attempt: Attempt, labels: tuple[str, ...]) -> None:
+        if ex.t_first_token is not None:
+            self.first_chunk.labels(*labels).observe(ex.t_first_token - attempt.started)
+        arrivals = ex.arrivals
+        if arrivals and ex.t_first_token is not None:
+            per_chunk = self.per_chunk.labels(*labels)
+            previous = None
+            for t in arrivals:
+                if t < ex.t_first_token:
+                    continue
+                if previous is not None:
+                    per_chunk.observe(t - previous)
+                previous = t
+
+    def _usage(
+        self,
+        ex: Exchange,
+        route: str,
+        upstream: str,
+        model: str,
+        genai: tuple[str, ...],
+    ) -> None:
+        if ex.status >= 400 or ex.error_type in ("connect_error", "malformed_response"):
+            return
+        if ex.usage_source != "provider":
+            self.usage_missing.labels(route, upstream).inc()
+            if ex.usage_source is None:
+                return
+        source = "injected" if ex.usage_injected else ex.usage_source or "provider"
+        for token_type, attr in TOKEN_FIELDS:
+            count = getattr(ex, attr)
+            if count is None:
+                continue
+            self.tokens.labels(route, upstream, model, token_type, source).inc(count)
+            self.token_usage.labels(*genai, token_type).observe(count)
+        cost = self.prices.cost(ex.response_model or ex.request_model, ex)
+        if cost is None:
+            self.unpriced.labels(route, upstream, model).inc()
+        else:
+            self.cost.labels(route, upstream, model).inc(cost)
+
+    def _rate_limits(self, upstream: str, headers: Mapping[str, str]) -> None:
+        for resource, limit, remaining, reset in read_rate_limits(headers):
+            if limit is not None:
+                self.rl_limit.labels(upstream, resource).set(limit)
+            if remaining is not None:
+                self.rl_remaining.labels(upstream, resource).set(remaining)
+            if reset is not None:
+                self.rl_reset.labels(upstream, resource).set(reset)
+        retry = retry_after_seconds(headers)
+        if retry is not None:
+            self.retry_after.labels(upstream).set(retry)
+
+    def track_inflight(self, upstreams: Iterable[str]) -> dict[str, Gauge]:
+        """The in-flight gauge child of each upstream, for the forwarder."""
+        return {name: self.inflight.labels(name) for name in upstreams}
+
+
+def _overhead(ex: Exchange) -> float:
+    """The request's duration minus the time spent waiting on upstreams."""
+    upstream_time = 0.0
+    for attempt in ex.attempts:
+        ended = attempt.ended or ex.ended or attempt.started
+        upstream_time += ended - attempt.started
+    return max((ex.ended or ex.started) - ex.started - upstream_time, 0.0)
