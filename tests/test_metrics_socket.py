@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import subprocess
@@ -13,8 +14,6 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import (
     FakeProvider,
     ProxyFactory,
@@ -23,6 +22,7 @@ from conftest import (
     proxy_config,
     split_randomly,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 USAGE_STREAM = "openai/chat_completions_stream_include_usage"
 
@@ -38,10 +38,12 @@ async def scrape(
     running: RunningProxy,
 ) -> tuple[str, dict[tuple[str, frozenset[Any]], float]]:
     await running.settle()
-    async with aiohttp.ClientSession() as session:
-        async with session.get(running.admin_url + "/metrics") as resp:
-            assert resp.status == 200
-            text = await resp.text()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(running.admin_url + "/metrics") as resp,
+    ):
+        assert resp.status == 200
+        text = await resp.text()
     samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -251,12 +253,12 @@ async def test_server_rejecting_stream_options_gets_the_original_request_socket(
     provider.handler = strict
     body = b'{"model":"m","stream":true,"messages":[]}'
     for _ in range(2):
-        async with aiohttp.ClientSession() as session:
-            async with session.post(
-                metered.url + "/v1/chat/completions", data=body
-            ) as r:
-                assert r.status == 200
-                assert await r.read() == rec.body
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(metered.url + "/v1/chat/completions", data=body) as r,
+        ):
+            assert r.status == 200
+            assert await r.read() == rec.body
     # The second request was not injected: the upstream is known to refuse.
     assert [orjson.loads(r.body).get("stream_options") for r in provider.received] == [
         {"include_usage": True},
@@ -272,11 +274,11 @@ async def test_rate_limit_headers_and_errors_socket(
         "anthropic/messages_stream_tool_use", "anthropic/messages_stream_tool_use.sse"
     )
     provider.reply(anthropic_rec)
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
-            metered.url + "/anthropic/v1/messages", data=b"{}"
-        ) as r:
-            await r.read()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(metered.url + "/anthropic/v1/messages", data=b"{}") as r,
+    ):
+        await r.read()
 
     async def limited(request: web.Request) -> web.Response:
         return web.json_response(
@@ -397,7 +399,8 @@ async def test_exposition_passes_promtool_socket(
     provider.reply(Recording.load(USAGE_STREAM))
     await openai_stream(metered.url + "/v1", usage=True)
     text, _ = await scrape(metered)
-    result = subprocess.run(
+    result = await asyncio.to_thread(
+        subprocess.run,
         ["promtool", "check", "metrics"],
         input=text.encode(),
         capture_output=True,
