@@ -18,6 +18,7 @@ from .config import Config
 from .estimate import estimate_usage
 from .forward import Forwarder
 from .telemetry import Recorder, Sink
+from .telemetry.capture import CaptureSink
 from .telemetry.logging import log_exchange
 from .telemetry.metrics import Metrics
 from .upstream import UpstreamClient, new_clients
@@ -43,11 +44,13 @@ class Proxy:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(config, self.registry)
         self.tracer = tracer
+        self.capture: CaptureSink | None = None
         self.recorder = Recorder([*self._default_sinks(), *(sinks or [])])
         self.clients: dict[str, UpstreamClient] = {}
         self.ready = False
         self.not_ready_reason = "starting"
         self._runners: list[web.BaseRunner] = []
+        self._stopped = False
         self.proxy_address: tuple[str, int] = config.server.listen
         self.admin_address: tuple[str, int] = config.server.admin_listen
 
@@ -58,6 +61,9 @@ class Proxy:
             sinks.append(log_exchange)
         if self.tracer is not None:
             sinks.append(self.tracer.sink)
+        if self.config.telemetry.capture_path is not None:
+            self.capture = CaptureSink(self.config.telemetry)
+            sinks.append(self.capture)
         return sinks
 
     @property
@@ -113,6 +119,9 @@ class Proxy:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace, close."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.ready = False
         self.not_ready_reason = "shutting down"
         for runner in self._runners:
@@ -123,6 +132,8 @@ class Proxy:
         self.recorder.flush()
         if self.tracer is not None:
             self.tracer.shutdown()
+        if self.capture is not None:
+            self.capture.close()
 
     def health_report(self) -> dict[str, Any]:
         """The ``/health`` document."""

@@ -21,6 +21,7 @@ import yaml
 from .errors import ConfigError
 
 APIS = ("openai", "anthropic")
+OPTIONAL_LABELS = ("tenant", "prompt_version")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -88,6 +89,7 @@ class Route:
     strip_prefix: bool = False
     models: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] = ()
+    capture: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,11 @@ class Server:
 class Telemetry:
     max_models: int = 50
     log_requests: bool = True
+    # Request headers an operator allows as metric labels: tenant, prompt_version.
+    labels: tuple[str, ...] = ()
+    capture_path: str | None = None
+    capture_max_bytes: int = 8192
+    redact: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +205,10 @@ def build_config(raw: object, source: str = "<built-in>") -> Config:
     pricing = v.pricing(raw.get("pricing") or {}, "pricing")
     telemetry = v.telemetry(raw.get("telemetry") or {}, "telemetry")
 
+    if telemetry.capture_path is None:
+        for i, route in enumerate(routes):
+            if route.capture:
+                v.fail(f"routes[{i}].capture", "needs telemetry.capture_path")
     if v.problems:
         raise ConfigError(v.problems)
     return Config(server, upstreams, routes, pricing, telemetry, source)
@@ -482,6 +493,7 @@ class _Validator:
                 "strip_prefix",
                 "models",
                 "fallbacks",
+                "capture",
             },
         )
         prefix = raw.get("prefix")
@@ -515,6 +527,7 @@ class _Validator:
             strip_prefix=self.boolean(raw, "strip_prefix", path, False),
             models=tuple(models),
             fallbacks=tuple(fallbacks),
+            capture=self.boolean(raw, "capture", path, False),
         )
 
     def names(self, raw: object, path: str) -> list[str]:
@@ -577,10 +590,33 @@ class _Validator:
 
     def telemetry(self, raw: object, path: str) -> Telemetry:
         raw = self.mapping(raw, path)
-        self.unknown(raw, path, {"max_models", "log_requests"})
+        known = {"max_models", "log_requests", "labels", "capture_path",
+                 "capture_max_bytes", "redact"}  # fmt: skip
+        self.unknown(raw, path, known)
+        labels = self.names(raw.get("labels"), _join(path, "labels"))
+        for i, label in enumerate(labels):
+            if label not in OPTIONAL_LABELS:
+                self.fail(
+                    f"{path}.labels[{i}]",
+                    f"expected one of {', '.join(OPTIONAL_LABELS)}, got {label!r}",
+                )
+        redact = self.names(raw.get("redact"), _join(path, "redact"))
+        for i, pattern in enumerate(redact):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                self.fail(f"{path}.redact[{i}]", f"not a regular expression: {exc}")
+        capture_path = raw.get("capture_path")
+        if capture_path is not None and not isinstance(capture_path, str):
+            self.fail(_join(path, "capture_path"), "expected a file path")
+            capture_path = None
         return Telemetry(
             max_models=self.integer(raw, "max_models", path, 50, 1),
             log_requests=self.boolean(raw, "log_requests", path, True),
+            labels=tuple(dict.fromkeys(labels)),
+            capture_path=capture_path,
+            capture_max_bytes=self.integer(raw, "capture_max_bytes", path, 8192, 0),
+            redact=tuple(redact),
         )
 
 

@@ -79,9 +79,11 @@ class Exchange:
         "pending_usage",
         "prompt_chars",
         "prompt_fingerprint",
+        "prompt_version",
         "provider",
         "reasoning_tokens",
         "refusal",
+        "request_body",
         "request_headers",
         "request_id",
         "request_model",
@@ -99,6 +101,7 @@ class Exchange:
         "t_headers",
         "t_last_byte",
         "t_sent",
+        "tenant",
         "terminal",
         "tool_args",
         "trace_id",
@@ -133,6 +136,11 @@ class Exchange:
         self.request_headers: Mapping[str, str] | None = None
         self.response_headers: Mapping[str, str] | None = None
         self.prompt_fingerprint: str | None = None
+        # From x-llmproxy-tenant and x-llmproxy-prompt-version, capped in length.
+        self.tenant: str | None = None
+        self.prompt_version: str | None = None
+        # The request body, kept only when the route captures prompts.
+        self.request_body: bytes | None = None
         self.stream = False
         self.wants_json = False
         self.wants_tools = False
@@ -214,6 +222,8 @@ class Exchange:
             "finish_reasons": self.finish_reasons or None,
             "usage_source": self.usage_source,
             "prompt_fingerprint": self.prompt_fingerprint,
+            "prompt_version": self.prompt_version,
+            "tenant": self.tenant,
             "attempts": len(self.attempts),
             "bytes_out": self.bytes_out,
             "duration_s": round(self.duration, 6),

@@ -51,6 +51,7 @@ Recorder = Callable[[Exchange], None]
 _ID_PREFIX = os.urandom(4).hex()
 # Enough arrival times for the time-per-chunk metric of a long answer, bounded.
 _MAX_ARRIVALS = 8192
+_MAX_ATTRIBUTION = 128
 
 
 class Forwarder:
@@ -115,6 +116,10 @@ class Forwarder:
             )
         if self.tracer is not None:
             self.tracer.start(ex, request.headers)
+        _attribution(ex, request.headers)
+        if route.capture:
+            ex.capture = True
+            ex.request_body = body
 
         client = self.clients[route.upstream]
         upstream = client.upstream
@@ -312,6 +317,16 @@ def _error_response(ex: Exchange, exc: ProxyError) -> web.Response:
         body=error_body(exc.error_type, exc.message, exc.upstream),
         headers=headers,
     )
+
+
+def _attribution(ex: Exchange, headers: Mapping[str, str]) -> None:
+    """Tenant and prompt version as the client declared them, length-capped."""
+    tenant = headers.get("x-llmproxy-tenant")
+    if tenant:
+        ex.tenant = tenant[:_MAX_ATTRIBUTION]
+    version = headers.get("x-llmproxy-prompt-version")
+    if version:
+        ex.prompt_version = version[:_MAX_ATTRIBUTION]
 
 
 def _client_went_away(ex: Exchange) -> None:

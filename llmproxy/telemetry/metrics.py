@@ -91,6 +91,14 @@ class Metrics:
         self.model = BoundedLabel(
             config.telemetry.max_models, self.label_overflow.labels("model")
         )
+        # Opt-in attribution labels, bounded like the model label.
+        self.extra = config.telemetry.labels
+        self._extra_values = {
+            label: BoundedLabel(
+                config.telemetry.max_models, self.label_overflow.labels(label)
+            )
+            for label in self.extra
+        }
         self._genai(r)
         self._proxy(r)
         self._provider(r)
@@ -130,7 +138,15 @@ class Metrics:
         self.requests = Counter(
             "llmproxy_requests",
             "Requests the proxy answered.",
-            ["route", "upstream", "model", "stream", "status_class", "error_type"],
+            [
+                "route",
+                "upstream",
+                "model",
+                "stream",
+                "status_class",
+                "error_type",
+                *self.extra,
+            ],
             registry=r,
         )
         self.duration = Histogram(
@@ -164,7 +180,7 @@ class Metrics:
         self.tokens = Counter(
             "llmproxy_tokens",
             "Tokens used, by type and by where the count came from.",
-            ["route", "upstream", "model", "type", "usage_source"],
+            ["route", "upstream", "model", "type", "usage_source", *self.extra],
             registry=r,
         )
         self.usage_missing = Counter(
@@ -176,7 +192,7 @@ class Metrics:
         self.cost = Counter(
             "llmproxy_cost_usd",
             "Cost in US dollars, from the price table.",
-            ["route", "upstream", "model"],
+            ["route", "upstream", "model", *self.extra],
             registry=r,
         )
         self.unpriced = Counter(
@@ -247,9 +263,16 @@ class Metrics:
             # Scanner traffic to random paths must not create series per path.
             model = ""
         stream = "true" if ex.stream else "false"
+        extra = self._attribution(ex)
 
         self.requests.labels(
-            route, upstream, model, stream, f"{ex.status // 100}xx", ex.error_type or ""
+            route,
+            upstream,
+            model,
+            stream,
+            f"{ex.status // 100}xx",
+            ex.error_type or "",
+            *extra,
         ).inc()
         self.duration.labels(route, upstream, stream).observe(ex.duration)
         if ex.error_type:
@@ -270,9 +293,15 @@ class Metrics:
             self.first_token.labels(route, upstream, model).observe(
                 ex.t_first_token - ex.started
             )
-        self._usage(ex, route, upstream, model, genai)
+        self._usage(ex, route, upstream, model, genai, extra)
         for kind in anomalies(ex):
             self.anomalies.labels(route, upstream, model, kind).inc()
+
+    def _attribution(self, ex: Exchange) -> tuple[str, ...]:
+        if not self.extra:
+            return ()
+        raw = {"tenant": ex.tenant, "prompt_version": ex.prompt_version}
+        return tuple(self._extra_values[label](raw[label]) for label in self.extra)
 
     def _genai_labels(self, ex: Exchange, route: str, model: str) -> tuple[str, ...]:
         return (
@@ -320,6 +349,7 @@ class Metrics:
         upstream: str,
         model: str,
         genai: tuple[str, ...],
+        extra: tuple[str, ...],
     ) -> None:
         if ex.status >= 400 or ex.error_type in ("connect_error", "malformed_response"):
             return
@@ -332,13 +362,15 @@ class Metrics:
             count = getattr(ex, attr)
             if count is None:
                 continue
-            self.tokens.labels(route, upstream, model, token_type, source).inc(count)
+            self.tokens.labels(route, upstream, model, token_type, source, *extra).inc(
+                count
+            )
             self.token_usage.labels(*genai, token_type).observe(count)
         cost = self.prices.cost(ex.response_model or ex.request_model, ex)
         if cost is None:
             self.unpriced.labels(route, upstream, model).inc()
         else:
-            self.cost.labels(route, upstream, model).inc(cost)
+            self.cost.labels(route, upstream, model, *extra).inc(cost)
 
     def _rate_limits(self, upstream: str, headers: Mapping[str, str]) -> None:
         for resource, limit, remaining, reset in read_rate_limits(headers):
