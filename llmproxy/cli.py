@@ -152,8 +152,14 @@ def _run(coro: object) -> int:
 
 async def _serve(config: Config) -> int:
     from .app import Proxy
+    from .telemetry.tracing import Tracer
 
-    proxy = Proxy(config)
+    tracer = Tracer.from_env()
+    proxy = Proxy(config, tracer=tracer)
+    log.info(
+        "tracing.configured" if tracer is not None else "tracing.off",
+        extra={"fields": {"exporter": "otlp" if tracer is not None else None}},
+    )
     try:
         await proxy.start()
     except OSError as exc:
