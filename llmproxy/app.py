@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from .admin import admin_app
 from .config import Config
+from .dispatch import Dispatcher
 from .estimate import estimate_usage
 from .forward import Forwarder
 from .telemetry import Recorder, Sink
@@ -47,6 +48,7 @@ class Proxy:
         self.capture: CaptureSink | None = None
         self.recorder = Recorder([*self._default_sinks(), *(sinks or [])])
         self.clients: dict[str, UpstreamClient] = {}
+        self.dispatcher: Dispatcher | None = None
         self.ready = False
         self.not_ready_reason = "starting"
         self._runners: list[web.BaseRunner] = []
@@ -77,12 +79,12 @@ class Proxy:
     async def start(self) -> None:
         """Bind both listeners; raises ``OSError`` if a port cannot be bound."""
         self.clients = new_clients(self.config.upstreams)
+        self.dispatcher = Dispatcher(
+            self.clients, self.tracer, on_breaker_change=self.metrics.breaker_changed
+        )
+        self.metrics.track_limiters(self.dispatcher.limiters)
         forwarder = Forwarder(
-            self.config,
-            self.clients,
-            self.recorder,
-            tracer=self.tracer,
-            inflight=self.metrics.track_inflight(self.clients),
+            self.config, self.dispatcher, self.recorder, tracer=self.tracer
         )
         server = web.Server(
             forwarder,
@@ -129,6 +131,8 @@ class Proxy:
         self._runners.clear()
         for client in self.clients.values():
             await client.close()
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         self.recorder.flush()
         if self.tracer is not None:
             self.tracer.shutdown()

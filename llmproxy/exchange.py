@@ -27,6 +27,7 @@ class Attempt:
     __slots__ = (
         "ended",
         "error_type",
+        "queue_wait",
         "server_address",
         "server_port",
         "span_id",
@@ -46,6 +47,7 @@ class Attempt:
         self.status = 0
         self.error_type: str | None = None
         self.span_id = 0
+        self.queue_wait = 0.0
 
 
 class Exchange:
@@ -66,6 +68,7 @@ class Exchange:
         "error_type",
         "estimated",
         "events",
+        "fallback",
         "finish_reasons",
         "input_tokens",
         "method",
@@ -153,6 +156,7 @@ class Exchange:
         self.output_seen = False
         self.refusal = False
         self.usage_injected = False
+        self.fallback = False  # answered by one of the route's fallbacks
         self.estimated = False
         # Arrival times of a stream's chunks, for the time per output chunk.
         self.arrivals: list[float] | None = None

@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from prometheus_client import Gauge
 
 from .classify import classify_status
 from .config import Config
 from .dialects import dialect_for, inspect_request
+from .dispatch import Dispatcher, Outgoing
 from .errors import (
     NoRouteError,
     PayloadTooLargeError,
@@ -35,12 +34,12 @@ from .errors import (
     UpstreamTimeoutError,
     error_body,
 )
-from .exchange import Attempt, Exchange
-from .headers import client_response_headers, upstream_request_headers
-from .injection import UsageStripper, inject_usage
+from .exchange import Exchange
+from .headers import client_response_headers
+from .injection import UsageStripper
 from .routing import Router, upstream_path
 from .tap import Tap
-from .upstream import UpstreamClient, Watchdog
+from .upstream import Watchdog
 
 if TYPE_CHECKING:
     from .telemetry.tracing import Tracer
@@ -52,6 +51,8 @@ _ID_PREFIX = os.urandom(4).hex()
 # Enough arrival times for the time-per-chunk metric of a long answer, bounded.
 _MAX_ARRIVALS = 8192
 _MAX_ATTRIBUTION = 128
+# Says which upstream answered, since a fallback may have.
+UPSTREAM_HEADER = "x-llmproxy-upstream"
 
 
 class Forwarder:
@@ -60,20 +61,16 @@ class Forwarder:
     def __init__(
         self,
         config: Config,
-        clients: Mapping[str, UpstreamClient],
+        dispatcher: Dispatcher,
         record: Recorder,
         tracer: Tracer | None = None,
-        inflight: Mapping[str, Gauge] | None = None,
     ) -> None:
         self.config = config
         self.router = Router(config.routes)
-        self.clients = clients
+        self.dispatcher = dispatcher
         self.record = record
         self.tracer = tracer
-        self.inflight = inflight or {}
         self.max_body = config.server.max_body_bytes
-        # Upstreams seen to reject stream_options: usage is not injected there.
-        self.no_injection: set[str] = set()
         self._seq = 0
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -114,107 +111,35 @@ class Forwarder:
             raise NoRouteError(
                 f"no route for model {ex.request_model!r} on {path[:200]!r}"
             )
+
+        ex.route = route.name
+        ex.operation, dialect = dialect_for(
+            self.dispatcher.clients[route.upstream].upstream.api, path
+        )
         if self.tracer is not None:
             self.tracer.start(ex, request.headers)
         _attribution(ex, request.headers)
         if route.capture:
             ex.capture = True
             ex.request_body = body
+        target = upstream_path(route, path)
+        out = Outgoing(
+            request.method,
+            f"{target}?{query}" if query else target,
+            request.headers,
+            body,
+            payload,
+        )
 
-        client = self.clients[route.upstream]
-        upstream = client.upstream
-        ex.route, ex.upstream = route.name, upstream.name
-        ex.provider, ex.api = upstream.provider, upstream.api
-        ex.operation, dialect = dialect_for(upstream.api, path)
-        url = upstream.url + upstream_path(route, path)
-        if query:
-            url = f"{url}?{query}"
-        headers = upstream_request_headers(request.headers, upstream.headers)
-        sent = body
-        if upstream.name not in self.no_injection:
-            sent = inject_usage(ex, upstream, payload) or body
-        if ex.usage_injected:
-            headers["Accept-Encoding"] = "identity"
-
-        resp = await self._attempt(client, request.method, url, headers, sent, ex)
-        if ex.usage_injected and resp.status == 400:
-            resp = await self._without_injection(client, request, url, body, ex, resp)
-        attempt = ex.attempts[-1]
-        gauge = self.inflight.get(upstream.name)
-        if gauge is not None:
-            gauge.inc()
+        lease = await self.dispatcher.send(ex, route, out)
         try:
             return await self._relay(
-                request, resp, ex, dialect if ex.operation else None
+                request, lease.resp, ex, dialect if ex.operation else None
             )
         finally:
-            resp.close()
             if ex.status >= 400 and ex.error_type is None:
                 ex.fail(classify_status(ex.status) or "upstream_4xx")
-            attempt.ended = time.perf_counter()
-            attempt.error_type = ex.error_type
-            if gauge is not None:
-                gauge.dec()
-
-    async def _attempt(
-        self,
-        client: UpstreamClient,
-        method: str,
-        url: str,
-        headers: CIMultiDict[str],
-        body: bytes,
-        ex: Exchange,
-    ) -> aiohttp.ClientResponse:
-        """One try at the upstream, recorded as an ``Attempt``."""
-        attempt = Attempt(client.upstream.name, client.host, client.port)
-        ex.attempts.append(attempt)
-        if self.tracer is not None:
-            self.tracer.inject(ex, attempt, headers)
-        ex.t_sent = attempt.started
-        try:
-            resp = await client.send(method, url, headers, body, ex)
-        except ProxyError as exc:
-            attempt.ended = time.perf_counter()
-            attempt.error_type = exc.error_type
-            raise
-        attempt.t_headers = ex.t_headers = time.perf_counter()
-        attempt.status = ex.status = resp.status
-        ex.response_headers = resp.headers
-        ex.upstream_request_id = resp.headers.get("x-request-id") or resp.headers.get(
-            "request-id"
-        )
-        return resp
-
-    async def _without_injection(
-        self,
-        client: UpstreamClient,
-        request: web.BaseRequest,
-        url: str,
-        body: bytes,
-        ex: Exchange,
-        rejected: aiohttp.ClientResponse,
-    ) -> aiohttp.ClientResponse:
-        """Resend the client's own request after a 400 to an injected one.
-
-        Some OpenAI-compatible servers refuse ``stream_options``; the client must
-        not get an error it would not have had without the proxy. A 400 costs
-        nothing, so the retry is unconditional: a genuine 400 simply comes back
-        again. When the retry succeeds, injection stays off for that upstream.
-        """
-        rejected.close()
-        ex.attempts[-1].ended = time.perf_counter()
-        ex.attempts[-1].error_type = "upstream_4xx"
-        ex.usage_injected = False
-        upstream = client.upstream
-        headers = upstream_request_headers(request.headers, upstream.headers)
-        resp = await self._attempt(client, request.method, url, headers, body, ex)
-        if resp.status < 400 and upstream.name not in self.no_injection:
-            self.no_injection.add(upstream.name)
-            log.warning(
-                "usage.injection_rejected",
-                extra={"fields": {"upstream": upstream.name}},
-            )
-        return resp
+            lease.finish(ex, ex.error_type)
 
     async def _relay(
         self,
@@ -224,10 +149,10 @@ class Forwarder:
         dialect: object,
     ) -> web.StreamResponse:
         """Stream the upstream response to the client as it arrives."""
+        headers = client_response_headers(resp.headers)
+        headers[UPSTREAM_HEADER] = ex.upstream or ""
         out = web.StreamResponse(
-            status=resp.status,
-            reason=resp.reason,
-            headers=client_response_headers(resp.headers),
+            status=resp.status, reason=resp.reason, headers=headers
         )
         tap = Tap(
             ex,
@@ -235,7 +160,7 @@ class Forwarder:
             resp.headers.get("content-type", ""),
             resp.headers.get("content-encoding", ""),
         )
-        timeouts = self.clients[ex.upstream or ""].upstream.timeouts
+        timeouts = self.dispatcher.clients[ex.upstream or ""].upstream.timeouts
         watchdog = Watchdog(ex, resp, timeouts.idle, timeouts.total, ex.upstream or "")
         await out.prepare(request)
 

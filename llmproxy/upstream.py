@@ -92,6 +92,10 @@ class UpstreamClient:
                 "the upstream closed the connection before responding", upstream=name
             ) from exc
 
+    def url_for(self, path: str) -> str:
+        """The absolute URL of ``path`` (with its query) on this upstream."""
+        return self.upstream.url + path
+
     async def close(self) -> None:
         await self._session.close()
 

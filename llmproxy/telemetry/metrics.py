@@ -11,13 +11,15 @@ anomaly kinds from closed vocabularies, and models through ``BoundedLabel``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..anomalies import anomalies
+from ..breaker import STATE_VALUES
 from ..config import Config
 from ..exchange import TOKEN_FIELDS, Attempt, Exchange
+from ..limiter import Limiter
 from ..pricing import PriceTable
 from ..ratelimits import read_rate_limits, retry_after_seconds
 
@@ -215,8 +217,39 @@ class Metrics:
         )
         self.inflight = Gauge(
             "llmproxy_inflight_requests",
-            "Requests in flight to each upstream.",
+            "Requests holding a concurrency slot of each upstream.",
             ["upstream"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            "llmproxy_queued_requests",
+            "Requests waiting for a concurrency slot of each upstream.",
+            ["upstream"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "llmproxy_queue_wait_seconds",
+            "Time a request waited in the proxy for a concurrency slot.",
+            ["upstream"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "llmproxy_circuit_breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+            ["upstream"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "llmproxy_retries",
+            "Upstream attempts beyond the first, by the error that caused them.",
+            ["upstream", "error_type"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "llmproxy_fallbacks",
+            "Requests answered by a fallback instead of the route's upstream.",
+            ["route", "upstream"],
             registry=r,
         )
 
@@ -251,6 +284,7 @@ class Metrics:
         """Create the per-upstream series at zero, so rate() works from the start."""
         for name in config.upstreams:
             self.inflight.labels(name)
+            self.breaker_state.labels(name).set(0)
         for route in config.routes:
             self.usage_missing.labels(route.name, route.upstream)
 
@@ -282,8 +316,14 @@ class Metrics:
 
         self.overhead.labels(route).observe(_overhead(ex))
         genai = self._genai_labels(ex, route, model)
+        previous: Attempt | None = None
         for attempt in ex.attempts:
             self._attempt(ex, attempt, genai)
+            if previous is not None and previous.upstream == attempt.upstream:
+                self.retries.labels(attempt.upstream, previous.error_type or "").inc()
+            previous = attempt
+        if ex.fallback:
+            self.fallbacks.labels(route, upstream).inc()
         if ex.response_headers is not None:
             self._rate_limits(upstream, ex.response_headers)
         if ex.operation is None:
@@ -314,6 +354,7 @@ class Metrics:
         )
 
     def _attempt(self, ex: Exchange, attempt: Attempt, genai: tuple[str, ...]) -> None:
+        self.queue_wait.labels(attempt.upstream).observe(attempt.queue_wait)
         if attempt.t_headers is not None:
             self.headers_time.labels(attempt.upstream).observe(
                 attempt.t_headers - attempt.started
@@ -384,9 +425,14 @@ class Metrics:
         if retry is not None:
             self.retry_after.labels(upstream).set(retry)
 
-    def track_inflight(self, upstreams: Iterable[str]) -> dict[str, Gauge]:
-        """The in-flight gauge child of each upstream, for the forwarder."""
-        return {name: self.inflight.labels(name) for name in upstreams}
+    def track_limiters(self, limiters: Mapping[str, Limiter]) -> None:
+        """Read in-flight and queued counts from the limiters at scrape time."""
+        for name, limiter in limiters.items():
+            self.inflight.labels(name).set_function(_reader(limiter, "inflight"))
+            self.queued.labels(name).set_function(_reader(limiter, "queued"))
+
+    def breaker_changed(self, upstream: str, state: str) -> None:
+        self.breaker_state.labels(upstream).set(STATE_VALUES[state])
 
 
 def _overhead(ex: Exchange) -> float:
@@ -396,3 +442,7 @@ def _overhead(ex: Exchange) -> float:
         ended = attempt.ended or ex.ended or attempt.started
         upstream_time += ended - attempt.started
     return max((ex.ended or ex.started) - ex.started - upstream_time, 0.0)
+
+
+def _reader(limiter: Limiter, attribute: str) -> Callable[[], float]:
+    return lambda: float(getattr(limiter, attribute))
