@@ -18,6 +18,7 @@ from .config import Config
 from .dispatch import Dispatcher
 from .estimate import estimate_usage
 from .forward import Forwarder
+from .health import HealthMonitor
 from .telemetry import Recorder, Sink
 from .telemetry.capture import CaptureSink
 from .telemetry.logging import log_exchange
@@ -49,6 +50,7 @@ class Proxy:
         self.recorder = Recorder([*self._default_sinks(), *(sinks or [])])
         self.clients: dict[str, UpstreamClient] = {}
         self.dispatcher: Dispatcher | None = None
+        self.health: HealthMonitor | None = None
         self.ready = False
         self.not_ready_reason = "starting"
         self._runners: list[web.BaseRunner] = []
@@ -83,6 +85,13 @@ class Proxy:
             self.clients, self.tracer, on_breaker_change=self.metrics.breaker_changed
         )
         self.metrics.track_limiters(self.dispatcher.limiters)
+        self.health = HealthMonitor(
+            self.config.upstreams,
+            self.dispatcher.breakers,
+            on_change=self.metrics.health_changed,
+            on_probe=self.metrics.probed,
+        )
+        self.recorder.sinks.append(self.health.observe)
         forwarder = Forwarder(
             self.config, self.dispatcher, self.recorder, tracer=self.tracer
         )
@@ -106,6 +115,7 @@ class Proxy:
         except BaseException:
             await self.stop()
             raise
+        self.health.start()
         self.ready = True
         self.not_ready_reason = ""
         log.info(
@@ -129,6 +139,8 @@ class Proxy:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        if self.health is not None:
+            await self.health.stop()
         for client in self.clients.values():
             await client.close()
         if self.dispatcher is not None:
@@ -140,12 +152,14 @@ class Proxy:
             self.capture.close()
 
     def health_report(self) -> dict[str, Any]:
-        """The ``/health`` document."""
-        upstreams = {
-            name: {"status": "UP", "url": u.url, "api": u.api}
-            for name, u in self.config.upstreams.items()
-        }
-        return {"status": "UP", "ready": self.ready, "upstreams": upstreams}
+        """The ``/health`` document: overall status is the worst upstream's."""
+        report: dict[str, Any] = {"status": "UP", "upstreams": {}}
+        if self.health is not None:
+            report = self.health.report()
+        report["ready"] = self.ready
+        if not self.ready:
+            report["reason"] = self.not_ready_reason
+        return report
 
 
 async def _listen(runner: web.BaseRunner, address: tuple[str, int]) -> tuple[str, int]:

@@ -53,10 +53,16 @@ class Retries:
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    path: str | None = None
+    path: str | None = None  # None: the dialect's model list; "" or off: no probe
     interval: float = 15.0
     timeout: float = 5.0
     degraded_latency: float = 2.0
+    error_ratio: float = 0.25  # recent failures above this: DEGRADED
+    min_headroom: float = 0.1  # rate-limit remaining/limit below this: DEGRADED
+    window: float = 300.0  # how long passive signals count
+    # The optional streaming probe (it costs tokens): a model to ask, or None.
+    stream_model: str | None = None
+    stream_interval: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,22 +445,52 @@ class _Validator:
 
     def health(self, raw: object, path: str) -> Health:
         raw = self.mapping(raw, path)
-        self.unknown(raw, path, {"path", "interval", "timeout", "degraded_latency"})
+        self.unknown(raw, path, {
+            "path", "interval", "timeout", "degraded_latency", "error_ratio",
+            "min_headroom", "window", "stream_model", "stream_interval",
+        })  # fmt: skip
         probe_path = raw.get("path")
-        if probe_path is not None and (
+        if probe_path is False or probe_path == "off":
+            probe_path = ""
+        elif probe_path is not None and (
             not isinstance(probe_path, str) or not probe_path.startswith("/")
         ):
-            self.fail(_join(path, "path"), "expected a path starting with /")
+            self.fail(_join(path, "path"), "expected a path starting with /, or off")
             probe_path = None
+        model = raw.get("stream_model")
+        if model is not None and (not isinstance(model, str) or not model):
+            self.fail(_join(path, "stream_model"), "expected a model name")
+            model = None
         d = Health()
         return Health(
             path=probe_path,
-            interval=self.duration(raw, "interval", path, d.interval),
+            interval=self.duration(raw, "interval", path, d.interval) or d.interval,
             timeout=self.duration(raw, "timeout", path, d.timeout),
             degraded_latency=self.duration(
                 raw, "degraded_latency", path, d.degraded_latency
             ),
+            error_ratio=self.fraction(raw, "error_ratio", path, d.error_ratio),
+            min_headroom=self.fraction(raw, "min_headroom", path, d.min_headroom),
+            window=self.duration(raw, "window", path, d.window) or d.window,
+            stream_model=model,
+            stream_interval=self.duration(
+                raw, "stream_interval", path, d.stream_interval
+            )
+            or d.stream_interval,
         )
+
+    def fraction(
+        self, raw: Mapping[str, Any], key: str, path: str, default: float
+    ) -> float:
+        value = raw.get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 <= value <= 1
+        ):
+            self.fail(_join(path, key), "expected a number from 0 to 1")
+            return default
+        return float(value)
 
     def routes(
         self, raw: object, path: str, upstreams: Mapping[str, Upstream]

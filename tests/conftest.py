@@ -158,13 +158,22 @@ async def provider() -> AsyncIterator[FakeProvider]:
     await runner.cleanup()
 
 
+NO_PROBE: dict[str, Any] = {"path": "off"}
+
+
 def proxy_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
     """A config with an OpenAI and an Anthropic upstream, both the fake provider."""
     raw: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"},
+        # Probes off: tests that count what the provider received must not see
+        # them. Health tests turn them on.
         "upstreams": {
-            "openai": {"url": provider_url, "api": "openai"},
-            "anthropic": {"url": provider_url, "api": "anthropic"},
+            "openai": {"url": provider_url, "api": "openai", "health": NO_PROBE},
+            "anthropic": {
+                "url": provider_url,
+                "api": "anthropic",
+                "health": NO_PROBE,
+            },
         },
         "routes": [
             {"prefix": "/anthropic", "upstream": "anthropic", "strip_prefix": True},

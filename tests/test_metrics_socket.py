@@ -86,6 +86,7 @@ async def metered(provider: FakeProvider, start_proxy: ProxyFactory) -> RunningP
         "api": "openai",
         "provider": "vllm",
         "inject_stream_usage": False,
+        "health": {"path": "off"},
     }
     raw["routes"].append({"prefix": "/vllm", "upstream": "vllm", "strip_prefix": True})
     raw["telemetry"] = {"max_models": 4}

@@ -240,6 +240,25 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.health = Gauge(
+            "llmproxy_upstream_health",
+            "1 for each upstream's current health state: up, degraded or down.",
+            ["upstream", "state"],
+            registry=r,
+        )
+        self.probe_duration = Histogram(
+            "llmproxy_probe_duration_seconds",
+            "Health probe duration, by probe (models, stream).",
+            ["upstream", "probe"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.probe_failures = Counter(
+            "llmproxy_probe_failures",
+            "Health probes that failed.",
+            ["upstream", "probe"],
+            registry=r,
+        )
         self.retries = Counter(
             "llmproxy_retries",
             "Upstream attempts beyond the first, by the error that caused them.",
@@ -285,6 +304,7 @@ class Metrics:
         for name in config.upstreams:
             self.inflight.labels(name)
             self.breaker_state.labels(name).set(0)
+            self.health_changed(name, "UP")
         for route in config.routes:
             self.usage_missing.labels(route.name, route.upstream)
 
@@ -430,6 +450,15 @@ class Metrics:
         for name, limiter in limiters.items():
             self.inflight.labels(name).set_function(_reader(limiter, "inflight"))
             self.queued.labels(name).set_function(_reader(limiter, "queued"))
+
+    def health_changed(self, upstream: str, status: str) -> None:
+        for state in ("up", "degraded", "down"):
+            self.health.labels(upstream, state).set(1 if state == status.lower() else 0)
+
+    def probed(self, upstream: str, probe: str, seconds: float, ok: bool) -> None:
+        self.probe_duration.labels(upstream, probe).observe(seconds)
+        if not ok:
+            self.probe_failures.labels(upstream, probe).inc()
 
     def breaker_changed(self, upstream: str, state: str) -> None:
         self.breaker_state.labels(upstream).set(STATE_VALUES[state])
