@@ -13,7 +13,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-
 from conftest import FakeProvider, Recording
 
 STREAMS = 100
