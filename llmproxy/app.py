@@ -7,6 +7,7 @@ port of 0 picks a free one, for tests) and ``stop`` drains and closes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from .health import HealthMonitor
 from .telemetry import Recorder, Sink
 from .telemetry.capture import CaptureSink
 from .telemetry.logging import log_exchange
-from .telemetry.metrics import Metrics
+from .telemetry.metrics import Metrics, SpanCounts
 from .upstream import UpstreamClient, new_clients
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class Proxy:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(config, self.registry)
         self.tracer = tracer
+        if tracer is not None:
+            self.registry.register(SpanCounts(tracer))
         self.capture: CaptureSink | None = None
         self.recorder = Recorder([*self._default_sinks(), *(sinks or [])])
         self.clients: dict[str, UpstreamClient] = {}
@@ -147,7 +150,8 @@ class Proxy:
             self.dispatcher.close()
         self.recorder.flush()
         if self.tracer is not None:
-            self.tracer.shutdown()
+            # Flushing may wait on a sick collector: never on the event loop.
+            await asyncio.to_thread(self.tracer.shutdown)
         if self.capture is not None:
             self.capture.close()
 

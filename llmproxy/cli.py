@@ -154,7 +154,12 @@ async def _serve(config: Config) -> int:
     from .app import Proxy
     from .telemetry.tracing import Tracer
 
-    tracer = Tracer.from_env()
+    try:
+        tracer = Tracer.from_env()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
     proxy = Proxy(config, tracer=tracer)
     log.info(
         "tracing.configured" if tracer is not None else "tracing.off",

@@ -107,7 +107,9 @@ class Exchange:
         "tenant",
         "terminal",
         "tool_args",
+        "trace_flags",
         "trace_id",
+        "trace_state",
         "upstream",
         "upstream_request_id",
         "usage_injected",
@@ -135,6 +137,8 @@ class Exchange:
         self.trace_id = 0
         self.span_id = 0
         self.parent_span_id = 0
+        self.trace_flags = 1  # sampled, unless the client's traceparent says not
+        self.trace_state: str | None = None
         # Kept by reference, read by the sinks after the request.
         self.request_headers: Mapping[str, str] | None = None
         self.response_headers: Mapping[str, str] | None = None

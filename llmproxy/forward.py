@@ -99,6 +99,8 @@ class Forwarder:
     async def _handle(
         self, request: web.BaseRequest, ex: Exchange, path: str, query: str
     ) -> web.StreamResponse:
+        if self.tracer is not None:
+            self.tracer.start(ex, request.headers)
         candidates = self.router.candidates(path)
         if not candidates:
             raise NoRouteError(f"no route for {path[:200]!r}")
@@ -116,8 +118,6 @@ class Forwarder:
         ex.operation, dialect = dialect_for(
             self.dispatcher.clients[route.upstream].upstream.api, path
         )
-        if self.tracer is not None:
-            self.tracer.start(ex, request.headers)
         _attribution(ex, request.headers)
         if route.capture:
             ex.capture = True

@@ -409,3 +409,47 @@ async def test_exposition_passes_promtool_socket(
     )
     # promtool lints naming; it must find nothing to complain about.
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+async def test_spans_dropped_when_the_export_queue_is_full_socket(
+    provider: FakeProvider,
+) -> None:
+    import threading
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from llmproxy.app import Proxy
+    from llmproxy.config import build_config
+    from llmproxy.telemetry.tracing import Tracer
+
+    release = threading.Event()
+
+    class Stuck(SpanExporter):
+        """A collector that never answers until the test ends."""
+
+        def export(self, spans: Any) -> SpanExportResult:
+            release.wait(10)
+            return SpanExportResult.SUCCESS
+
+    # A queue of two spans and a stuck exporter: the queue stays full.
+    tracer = Tracer(Stuck(), max_queue_size=2, schedule_delay=0.01)
+    proxy = Proxy(build_config(proxy_config(provider.url)), tracer=tracer)
+    await proxy.start()
+    try:
+        provider.reply(Recording.load("openai/chat_completion"))
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.post(
+                    proxy.proxy_url + "/v1/chat/completions", data=b"{}"
+                ) as r:
+                    assert r.status == 200
+            proxy.recorder.flush()
+            async with session.get(proxy.admin_url + "/metrics") as r:
+                text = await r.text()
+    finally:
+        release.set()
+        await proxy.stop()
+    # Each request makes a SERVER and a CLIENT span: 6 spans, at most 4 queued
+    # (2 taken by the stuck export, 2 waiting), so at least 2 were dropped.
+    assert tracer.dropped >= 2
+    assert f"llmproxy_spans_dropped_total {float(tracer.dropped)}" in text

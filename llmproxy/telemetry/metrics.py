@@ -11,9 +11,11 @@ anomaly kinds from closed vocabularies, and models through ``BoundedLabel``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from ..anomalies import anomalies
 from ..breaker import STATE_VALUES
@@ -22,6 +24,9 @@ from ..exchange import TOKEN_FIELDS, Attempt, Exchange
 from ..limiter import Limiter
 from ..pricing import PriceTable
 from ..ratelimits import read_rate_limits, retry_after_seconds
+
+if TYPE_CHECKING:
+    from .tracing import Tracer
 
 # Bucket boundaries from the OpenTelemetry GenAI semantic conventions.
 DURATION_BUCKETS = (
@@ -475,3 +480,24 @@ def _overhead(ex: Exchange) -> float:
 
 def _reader(limiter: Limiter, attribute: str) -> Callable[[], float]:
     return lambda: float(getattr(limiter, attribute))
+
+
+class SpanCounts:
+    """Exposes the tracer's own counts: spans dropped, and exports that failed."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        dropped = CounterMetricFamily(
+            "llmproxy_spans_dropped",
+            "Spans dropped because the export queue was full.",
+        )
+        dropped.add_metric([], self._tracer.dropped)
+        failed = CounterMetricFamily(
+            "llmproxy_spans_export_failed",
+            "Spans the exporter could not deliver to the collector.",
+        )
+        failed.add_metric([], self._tracer.export_failed)
+        yield dropped
+        yield failed

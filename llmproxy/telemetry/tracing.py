@@ -57,8 +57,6 @@ _TRACEPARENT = re.compile(
 _MAX_ATTRIBUTE = 128
 _MAX_PATH = 1024
 # Contexts of requests still running; only ever this large if sink() is not wired.
-_MAX_CONTEXTS = 65536
-_DEFAULT_CONTEXT: tuple[int, str | None] = (_SAMPLED, None)
 # The only request headers that reach a span; credentials never do.
 _ATTRIBUTION_HEADERS = (
     ("x-llmproxy-tenant", "llmproxy.tenant"),
@@ -106,9 +104,6 @@ class Tracer:
             self._processor = SimpleSpanProcessor(self._exporter)
             self._capacity = 0
         self._emitted = 0
-        # (trace flags, tracestate) per running exchange that differs from the
-        # default, keyed by id(ex) until Exchange has slots for them.
-        self._contexts: dict[int, tuple[int, str | None]] = {}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Tracer | None:
@@ -161,24 +156,14 @@ class Tracer:
     def start(self, ex: Exchange, headers: Mapping[str, str]) -> None:
         """Set the exchange's trace and SERVER span ids; on the request path."""
         trace_id = parent_id = 0
-        context = _DEFAULT_CONTEXT
         parsed = _traceparent(headers)
         if parsed is not None:
-            trace_id, parent_id, flags = parsed
+            trace_id, parent_id, ex.trace_flags = parsed
             states = _header_values(headers, "tracestate")
-            context = (flags, ",".join(states) if states else None)
+            ex.trace_state = ",".join(states) if states else None
         ex.trace_id = trace_id or getrandbits(128) or 1
         ex.parent_span_id = parent_id
         ex.span_id = getrandbits(64) or 1
-
-        key = id(ex)
-        if context is not _DEFAULT_CONTEXT:
-            if len(self._contexts) >= _MAX_CONTEXTS:
-                del self._contexts[next(iter(self._contexts))]
-            self._contexts[key] = context
-        elif self._contexts:
-            # The id of a finished exchange may be reused by this one.
-            self._contexts.pop(key, None)
 
     def inject(
         self, ex: Exchange, attempt: Attempt, headers: MutableMapping[str, str]
@@ -187,7 +172,7 @@ class Tracer:
         if not ex.trace_id:
             return
         attempt.span_id = getrandbits(64) or 1
-        flags, state = self._contexts.get(id(ex), _DEFAULT_CONTEXT)
+        flags, state = ex.trace_flags, ex.trace_state
         headers["traceparent"] = (
             f"00-{ex.trace_id:032x}-{attempt.span_id:016x}-{flags:02x}"
         )
@@ -201,7 +186,7 @@ class Tracer:
     def sink(self, ex: Exchange) -> None:
         """Build and queue the exchange's spans; never raises (a recorder sink)."""
         try:
-            flags, state = self._contexts.pop(id(ex), _DEFAULT_CONTEXT)
+            flags, state = ex.trace_flags, ex.trace_state
             if not (self.enabled and ex.trace_id and flags & _SAMPLED):
                 return
             for span in self._spans(ex, flags, state):
