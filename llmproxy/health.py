@@ -42,6 +42,8 @@ UP, DEGRADED, DOWN = "UP", "DEGRADED", "DOWN"
 _RANK = {UP: 0, DEGRADED: 1, DOWN: 2}
 _MAX_OUTCOMES = 2048  # recent outcomes kept per upstream, for ratio and p99
 _MIN_SAMPLES = 5  # fewer recent requests than this say nothing about a ratio
+EVALUATE_EVERY = 1.0  # seconds between status evaluations
+_HEADROOM_EVERY = 0.25  # rate-limit headers are read at most this often
 
 
 class UpstreamHealth:
@@ -59,6 +61,7 @@ class UpstreamHealth:
         self.stream_probe: dict[str, Any] | None = None
         self.headroom: dict[str, float] = {}
         self.headroom_at = 0.0
+        self._headroom_checked = 0.0
         self.last_error: dict[str, Any] | None = None
 
     def observe(self, ex: Exchange) -> None:
@@ -76,7 +79,12 @@ class UpstreamHealth:
                     "status": attempt.status,
                     "at": time.time(),
                 }
-        if ex.upstream == self.upstream.name and ex.response_headers is not None:
+        if (
+            ex.upstream == self.upstream.name
+            and ex.response_headers is not None
+            and now - self._headroom_checked >= _HEADROOM_EVERY
+        ):
+            self._headroom_checked = now
             self._headroom(ex.response_headers, now)
 
     def _headroom(self, headers: Mapping[str, str], now: float) -> None:
@@ -111,7 +119,7 @@ class UpstreamHealth:
                     f"(over {settings.degraded_latency:g}s)"
                 )
 
-        ratio, count, _ = self.traffic(now)
+        ratio, count = self.fault_ratio(now)
         if count >= _MIN_SAMPLES and ratio > settings.error_ratio:
             degraded.append(f"{ratio:.0%} of {count} recent requests failed")
 
@@ -123,6 +131,17 @@ class UpstreamHealth:
         if down:
             return DOWN, down + degraded
         return (DEGRADED, degraded) if degraded else (UP, [])
+
+    def fault_ratio(self, now: float) -> tuple[float, int]:
+        """Recent fault ratio and request count, within the window."""
+        horizon = now - self.upstream.health.window
+        count = faults = 0
+        for at, fault, _ in reversed(self.outcomes):
+            if at < horizon:
+                break
+            count += 1
+            faults += fault
+        return (faults / count if count else 0.0), count
 
     def traffic(self, now: float | None = None) -> tuple[float, int, float | None]:
         """Recent fault ratio, request count and p99 seconds, within the window."""
@@ -176,14 +195,13 @@ class HealthMonitor:
         self._session: aiohttp.ClientSession | None = None
 
     def observe(self, ex: Exchange) -> None:
-        """A recorder sink: passive signals, then a status re-evaluation."""
+        """A recorder sink: note passive signals; status is re-evaluated each second."""
         if ex.upstream is None:
             return
         for name in {a.upstream for a in ex.attempts}:
             health = self.upstreams.get(name)
             if health is not None:
                 health.observe(ex)
-                self.refresh(health)
 
     def refresh(self, health: UpstreamHealth) -> str:
         status, reasons = health.evaluate()
@@ -216,6 +234,7 @@ class HealthMonitor:
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self._tasks.append(asyncio.create_task(self._evaluate()))
         for health in self.upstreams.values():
             if _probe_path(health.upstream):
                 self._tasks.append(asyncio.create_task(self._schedule(health)))
@@ -229,6 +248,15 @@ class HealthMonitor:
         self._tasks.clear()
         if self._session is not None:
             await self._session.close()
+
+    async def _evaluate(self) -> None:
+        """Re-evaluate every upstream once a second, so transitions (an aged-out
+        signal, the breaker's timed half-open) are noticed without traffic and
+        without work on every request."""
+        while True:
+            await asyncio.sleep(EVALUATE_EVERY)
+            for health in self.upstreams.values():
+                self.refresh(health)
 
     async def _schedule(self, health: UpstreamHealth) -> None:
         settings = health.upstream.health

@@ -11,8 +11,9 @@ anomaly kinds from closed vocabularies, and models through ``BoundedLabel``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -48,6 +49,8 @@ FIRST_CHUNK_BUCKETS = (
 OVERHEAD_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
+
+RATE_LIMITS_EVERY = 0.25  # seconds between readings of one upstream's headers
 
 GENAI_LABELS = (
     "gen_ai_operation_name",
@@ -106,6 +109,8 @@ class Metrics:
             )
             for label in self.extra
         }
+        self._rate_limits_read: dict[str, float] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._genai(r)
         self._proxy(r)
         self._provider(r)
@@ -313,6 +318,14 @@ class Metrics:
         for route in config.routes:
             self.usage_missing.labels(route.name, route.upstream)
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, cached: labels are bounded, lookups are not."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def observe(self, ex: Exchange) -> None:
         """Record one finished exchange (a recorder sink)."""
         route = ex.route or ""
@@ -324,7 +337,8 @@ class Metrics:
         stream = "true" if ex.stream else "false"
         extra = self._attribution(ex)
 
-        self.requests.labels(
+        self._child(
+            self.requests,
             route,
             upstream,
             model,
@@ -333,34 +347,36 @@ class Metrics:
             ex.error_type or "",
             *extra,
         ).inc()
-        self.duration.labels(route, upstream, stream).observe(ex.duration)
+        self._child(self.duration, route, upstream, stream).observe(ex.duration)
         if ex.error_type:
-            self.errors.labels(route, upstream, ex.error_type).inc()
+            self._child(self.errors, route, upstream, ex.error_type).inc()
         if not ex.attempts:
             return
 
-        self.overhead.labels(route).observe(_overhead(ex))
+        self._child(self.overhead, route).observe(_overhead(ex))
         genai = self._genai_labels(ex, route, model)
         previous: Attempt | None = None
         for attempt in ex.attempts:
             self._attempt(ex, attempt, genai)
             if previous is not None and previous.upstream == attempt.upstream:
-                self.retries.labels(attempt.upstream, previous.error_type or "").inc()
+                self._child(
+                    self.retries, attempt.upstream, previous.error_type or ""
+                ).inc()
             previous = attempt
         if ex.fallback:
-            self.fallbacks.labels(route, upstream).inc()
+            self._child(self.fallbacks, route, upstream).inc()
         if ex.response_headers is not None:
             self._rate_limits(upstream, ex.response_headers)
         if ex.operation is None:
             return
 
         if ex.t_first_token is not None:
-            self.first_token.labels(route, upstream, model).observe(
+            self._child(self.first_token, route, upstream, model).observe(
                 ex.t_first_token - ex.started
             )
         self._usage(ex, route, upstream, model, genai, extra)
         for kind in anomalies(ex):
-            self.anomalies.labels(route, upstream, model, kind).inc()
+            self._child(self.anomalies, route, upstream, model, kind).inc()
 
     def _attribution(self, ex: Exchange) -> tuple[str, ...]:
         if not self.extra:
@@ -379,16 +395,16 @@ class Metrics:
         )
 
     def _attempt(self, ex: Exchange, attempt: Attempt, genai: tuple[str, ...]) -> None:
-        self.queue_wait.labels(attempt.upstream).observe(attempt.queue_wait)
+        self._child(self.queue_wait, attempt.upstream).observe(attempt.queue_wait)
         if attempt.t_headers is not None:
-            self.headers_time.labels(attempt.upstream).observe(
+            self._child(self.headers_time, attempt.upstream).observe(
                 attempt.t_headers - attempt.started
             )
         if ex.operation is None:
             return
         labels = (*genai[:5], attempt.upstream)
         ended = attempt.ended or ex.ended or attempt.started
-        self.op_duration.labels(*labels, attempt.error_type or "").observe(
+        self._child(self.op_duration, *labels, attempt.error_type or "").observe(
             ended - attempt.started
         )
         if attempt is ex.attempts[-1] and ex.stream:
@@ -396,10 +412,12 @@ class Metrics:
 
     def _chunks(self, ex: Exchange, attempt: Attempt, labels: tuple[str, ...]) -> None:
         if ex.t_first_token is not None:
-            self.first_chunk.labels(*labels).observe(ex.t_first_token - attempt.started)
+            self._child(self.first_chunk, *labels).observe(
+                ex.t_first_token - attempt.started
+            )
         arrivals = ex.arrivals
         if arrivals and ex.t_first_token is not None:
-            per_chunk = self.per_chunk.labels(*labels)
+            per_chunk = self._child(self.per_chunk, *labels)
             previous = None
             for t in arrivals:
                 if t < ex.t_first_token:
@@ -420,7 +438,7 @@ class Metrics:
         if ex.status >= 400 or ex.error_type in ("connect_error", "malformed_response"):
             return
         if ex.usage_source != "provider":
-            self.usage_missing.labels(route, upstream).inc()
+            self._child(self.usage_missing, route, upstream).inc()
             if ex.usage_source is None:
                 return
         source = "injected" if ex.usage_injected else ex.usage_source or "provider"
@@ -428,27 +446,33 @@ class Metrics:
             count = getattr(ex, attr)
             if count is None:
                 continue
-            self.tokens.labels(route, upstream, model, token_type, source, *extra).inc(
-                count
-            )
-            self.token_usage.labels(*genai, token_type).observe(count)
+            self._child(
+                self.tokens, route, upstream, model, token_type, source, *extra
+            ).inc(count)
+            self._child(self.token_usage, *genai, token_type).observe(count)
         cost = self.prices.cost(ex.response_model or ex.request_model, ex)
         if cost is None:
-            self.unpriced.labels(route, upstream, model).inc()
+            self._child(self.unpriced, route, upstream, model).inc()
         else:
-            self.cost.labels(route, upstream, model, *extra).inc(cost)
+            self._child(self.cost, route, upstream, model, *extra).inc(cost)
 
     def _rate_limits(self, upstream: str, headers: Mapping[str, str]) -> None:
+        # Gauges keep only the latest value and are scraped every few seconds:
+        # reading the headers a few times a second per upstream is enough.
+        now = time.monotonic()
+        if now - self._rate_limits_read.get(upstream, -1.0) < RATE_LIMITS_EVERY:
+            return
+        self._rate_limits_read[upstream] = now
         for resource, limit, remaining, reset in read_rate_limits(headers):
             if limit is not None:
-                self.rl_limit.labels(upstream, resource).set(limit)
+                self._child(self.rl_limit, upstream, resource).set(limit)
             if remaining is not None:
-                self.rl_remaining.labels(upstream, resource).set(remaining)
+                self._child(self.rl_remaining, upstream, resource).set(remaining)
             if reset is not None:
-                self.rl_reset.labels(upstream, resource).set(reset)
+                self._child(self.rl_reset, upstream, resource).set(reset)
         retry = retry_after_seconds(headers)
         if retry is not None:
-            self.retry_after.labels(upstream).set(retry)
+            self._child(self.retry_after, upstream).set(retry)
 
     def track_limiters(self, limiters: Mapping[str, Limiter]) -> None:
         """Read in-flight and queued counts from the limiters at scrape time."""
