@@ -121,6 +121,10 @@ async def metric_states(running: RunningProxy) -> dict[str, float]:
 
 
 def changes(logs: io.StringIO) -> list[tuple[str, str]]:
+    from llmproxy.telemetry import logging as log_module
+
+    assert log_module._writer is not None
+    log_module._writer.flush()
     events = [orjson.loads(line) for line in logs.getvalue().splitlines()]
     return [
         (e["from"], e["to"])

@@ -16,6 +16,13 @@ from conftest import FakeProvider, ProxyFactory, Recording, proxy_config
 from llmproxy.telemetry.capture import REDACTED, Redactor, cap
 from llmproxy.telemetry.logging import setup_logging
 
+
+def logging_writer() -> Any:
+    from llmproxy.telemetry import logging as log_module
+
+    assert log_module._writer is not None
+    return log_module._writer
+
 SECRETS = {
     "Authorization": "Bearer sk-proj-SECRETabcdefghijklmnop1234",
     "x-api-key": "sk-ant-api03-SECRETqrstuvwxyz567890",
@@ -77,7 +84,7 @@ async def test_request_line_has_the_facts_and_no_credentials_socket(
             pass
     await running.settle()
     await running.proxy.stop()  # flushes the capture file
-    log_stream.flush()
+    logging_writer().flush()
 
     # The provider did get the credentials: they pass through untouched.
     assert provider.received[-1].headers["x-api-key"] == SECRETS["x-api-key"]

@@ -2,16 +2,22 @@
 
 Every record's message is a stable event name (``request``, ``config.loaded``);
 its data travel separately in ``extra={"fields": {...}}`` and become top-level
-keys, so a log pipeline never parses text. Formatting and writing happen on a
-listener thread: a slow stdout consumer cannot stall the proxy.
+keys, so a log pipeline never parses text.
+
+One writer thread owns stdout. Lifecycle events reach it as ``LogRecord``s
+through the ``llmproxy`` logger; the per-request line takes a shorter road:
+the finished ``Exchange`` itself is queued, and the thread turns it into JSON,
+in batches, one write per batch. The event loop only enqueues, so a slow stdout
+consumer cannot stall the proxy, and the busiest log line costs the loop
+almost nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
-import queue
 import sys
+import threading
+from collections import deque
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -21,16 +27,19 @@ from ..exchange import Exchange
 
 access_log = logging.getLogger("llmproxy.access")
 _RESERVED = frozenset({"ts", "level", "logger", "event"})
+_BATCH = 512  # lines per write at most
+FLUSH_EVERY = 0.1  # seconds between the writer's wake-ups
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ts, level, logger, event, then the fields."""
 
     def format(self, record: logging.LogRecord) -> str:
+        return orjson.dumps(self.fields(record), default=str).decode()
+
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
         line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
-                timespec="milliseconds"
-            ),
+            "ts": _iso(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
@@ -41,33 +50,135 @@ class JsonFormatter(logging.Formatter):
                 line[f"field_{key}" if key in _RESERVED else key] = value
         if record.exc_info and record.exc_info[0] is not None:
             line["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+        elif record.exc_text:
+            line["exception"] = record.exc_text
+        return line
 
 
-class _QueueHandler(logging.handlers.QueueHandler):
-    """Queues the record as it is; the listener thread does the formatting."""
+def exchange_line(ex: Exchange) -> dict[str, Any]:
+    """The ``request`` line of one exchange, timed at its end."""
+    return {
+        "ts": _iso(ex.started_wall + ex.duration),
+        "level": "info",
+        "logger": access_log.name,
+        "event": "request",
+        **ex.as_log(),
+    }
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
+
+class LogWriter:
+    """The thread that writes every log line; ``put`` is all the loop does.
+
+    ``put`` appends to a deque and wakes nobody: waking a thread per line would
+    cost the event loop a context switch and a GIL hand-over per request. The
+    thread wakes on its own every ``FLUSH_EVERY`` seconds and writes what has
+    gathered, so a line reaches stdout at most that late.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._binary = getattr(stream, "buffer", None)
+        self._pending: deque[Exchange | logging.LogRecord] = deque()
+        self._formatter = JsonFormatter()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._run, name="llmproxy-log-writer", daemon=True
+        )
+        self._thread.start()
+
+    def put(self, item: Exchange | logging.LogRecord) -> None:
+        self._pending.append(item)  # atomic: no lock, no wake-up
+
+    def stop(self) -> None:
+        """Write what is queued, then end the thread."""
+        self._stopping.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(FLUSH_EVERY):
+            self._drain()
+        self._drain()
+
+    def flush(self) -> None:
+        """Write what is queued now, from the calling thread."""
+        self._drain()
+
+    def _drain(self) -> None:
+        pending = self._pending
+        with self._lock:  # one drainer at a time keeps lines in order
+            while pending:
+                lines: list[bytes] = []
+                while pending and len(lines) < _BATCH:
+                    lines.append(self._line(pending.popleft()))
+                self._write(b"\n".join(lines) + b"\n")
+
+    def _line(self, item: object) -> bytes:
+        try:
+            if isinstance(item, Exchange):
+                return orjson.dumps(exchange_line(item), default=str)
+            assert isinstance(item, logging.LogRecord)
+            return orjson.dumps(self._formatter.fields(item), default=str)
+        except Exception as exc:  # a line that cannot be written must not stop the rest
+            return orjson.dumps({"event": "log.unwritable", "error": repr(exc)})
+
+    def _write(self, data: bytes) -> None:
+        try:
+            if self._binary is not None:
+                self._binary.write(data)
+                self._binary.flush()
+            else:
+                self._stream.write(data.decode())
+                self._stream.flush()
+        except (OSError, ValueError):
+            pass  # stdout went away: nothing better to do with a log line
 
 
-def setup_logging(level: str = "INFO", stream: IO[str] | None = None) -> Any:
-    """Route the ``llmproxy`` loggers to JSON on ``stream``; returns the listener."""
-    out = logging.StreamHandler(stream or sys.stdout)
-    out.setFormatter(JsonFormatter())
-    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(q, out, respect_handler_level=False)
+class _WriterHandler(logging.Handler):
+    """Hands records to the writer thread as they are; it formats them."""
+
+    def __init__(self, writer: LogWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            # Tracebacks hold frames; render now, while they are still valid.
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        record.msg = record.getMessage()
+        record.args = None
+        self._writer.put(record)
+
+
+_writer: LogWriter | None = None
+_TRACEBACKS = logging.Formatter()
+
+
+def setup_logging(level: str = "INFO", stream: IO[str] | None = None) -> LogWriter:
+    """Route the ``llmproxy`` loggers to JSON on ``stream``; returns the writer."""
+    global _writer
+    writer = LogWriter(stream or sys.stdout)
+    handler = _WriterHandler(writer)
     root = logging.getLogger("llmproxy")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.addHandler(_QueueHandler(q))
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False
-    listener.start()
-    return listener
+    _writer = writer
+    return writer
 
 
 def log_exchange(ex: Exchange) -> None:
-    """The INFO line for one proxied request."""
-    if access_log.isEnabledFor(logging.INFO):
+    """The INFO line for one proxied request (a recorder sink)."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    if _writer is not None:
+        _writer.put(ex)
+    else:  # no writer set up (the package used as a library): plain logging
         access_log.info("request", extra={"fields": ex.as_log()})
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
