@@ -62,6 +62,8 @@ class Proxy:
         self.admin_address: tuple[str, int] = config.server.admin_listen
 
     def _default_sinks(self) -> list[Sink]:
+        if not self.config.telemetry.enabled:
+            return []
         # Estimates first: every later sink sees the same, settled record.
         sinks: list[Sink] = [estimate_usage, self.metrics.observe]
         if self.config.telemetry.log_requests:

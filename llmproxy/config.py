@@ -108,6 +108,7 @@ class Server:
 
 @dataclass(frozen=True, slots=True)
 class Telemetry:
+    enabled: bool = True  # false: no metrics, logs, spans or captures per request
     max_models: int = 50
     log_requests: bool = True
     # Request headers an operator allows as metric labels: tenant, prompt_version.
@@ -626,7 +627,7 @@ class _Validator:
 
     def telemetry(self, raw: object, path: str) -> Telemetry:
         raw = self.mapping(raw, path)
-        known = {"max_models", "log_requests", "labels", "capture_path",
+        known = {"enabled", "max_models", "log_requests", "labels", "capture_path",
                  "capture_max_bytes", "redact"}  # fmt: skip
         self.unknown(raw, path, known)
         labels = self.names(raw.get("labels"), _join(path, "labels"))
@@ -647,6 +648,7 @@ class _Validator:
             self.fail(_join(path, "capture_path"), "expected a file path")
             capture_path = None
         return Telemetry(
+            enabled=self.boolean(raw, "enabled", path, True),
             max_models=self.integer(raw, "max_models", path, 50, 1),
             log_requests=self.boolean(raw, "log_requests", path, True),
             labels=tuple(dict.fromkeys(labels)),
