@@ -16,7 +16,7 @@ def admin_app(proxy: Proxy) -> web.Application:
     """``/metrics``, ``/healthz``, ``/readyz`` and ``/health`` for ``proxy``."""
 
     async def metrics(request: web.Request) -> web.Response:
-        body = generate_latest(proxy.registry)
+        body = generate_latest(proxy.exposition_registry())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(request: web.Request) -> web.Response:

@@ -3,6 +3,11 @@
 ``Proxy`` owns the proxy and admin listeners, the upstream clients and the
 telemetry sinks; it does no request work itself. ``start`` binds both ports (a
 port of 0 picks a free one, for tests) and ``stop`` drains and closes.
+
+With worker processes (``worker`` set), every worker binds the proxy port with
+``SO_REUSEPORT`` and the kernel spreads connections among them; only worker 0
+binds the admin port, runs the health probes and serves ``/metrics``, which
+adds up every worker's metrics from prometheus_client's shared files.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from .health import HealthMonitor
 from .telemetry import Recorder, Sink
 from .telemetry.capture import CaptureSink
 from .telemetry.logging import log_exchange
-from .telemetry.metrics import Metrics, SpanCounts
+from .telemetry.metrics import Metrics
 from .upstream import UpstreamClient, new_clients
 
 if TYPE_CHECKING:
@@ -42,13 +47,18 @@ class Proxy:
         registry: CollectorRegistry | None = None,
         tracer: Tracer | None = None,
         sinks: list[Sink] | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
+        self.worker = worker
+        self.primary = not worker  # a single process, or worker 0
         self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(config, self.registry)
+        self.metrics = Metrics(
+            config, self.registry, multiprocess=worker is not None, primary=self.primary
+        )
         self.tracer = tracer
         if tracer is not None:
-            self.registry.register(SpanCounts(tracer))
+            tracer.on_drop = self.metrics.spans_were_dropped
         self.capture: CaptureSink | None = None
         self.recorder = Recorder([*self._default_sinks(), *(sinks or [])])
         self.clients: dict[str, UpstreamClient] = {}
@@ -58,6 +68,7 @@ class Proxy:
         self.not_ready_reason = "starting"
         self._runners: list[web.BaseRunner] = []
         self._stopped = False
+        self._sync_task: asyncio.Task[None] | None = None
         self.proxy_address: tuple[str, int] = config.server.listen
         self.admin_address: tuple[str, int] = config.server.admin_listen
 
@@ -90,13 +101,14 @@ class Proxy:
             self.clients, self.tracer, on_breaker_change=self.metrics.breaker_changed
         )
         self.metrics.track_limiters(self.dispatcher.limiters)
-        self.health = HealthMonitor(
-            self.config.upstreams,
-            self.dispatcher.breakers,
-            on_change=self.metrics.health_changed,
-            on_probe=self.metrics.probed,
-        )
-        self.recorder.sinks.append(self.health.observe)
+        if self.primary:
+            self.health = HealthMonitor(
+                self.config.upstreams,
+                self.dispatcher.breakers,
+                on_change=self.metrics.health_changed,
+                on_probe=self.metrics.probed,
+            )
+            self.recorder.sinks.append(self.health.observe)
         forwarder = Forwarder(
             self.config, self.dispatcher, self.recorder, tracer=self.tracer
         )
@@ -111,16 +123,21 @@ class Proxy:
             admin_app(self), access_log=None, shutdown_timeout=1.0
         )
         try:
-            self.proxy_address = await _listen(proxy_runner, self.config.server.listen)
-            self._runners.append(proxy_runner)
-            self.admin_address = await _listen(
-                admin_runner, self.config.server.admin_listen
+            self.proxy_address = await _listen(
+                proxy_runner, self.config.server.listen, self.worker is not None
             )
-            self._runners.append(admin_runner)
+            self._runners.append(proxy_runner)
+            if self.primary:
+                self.admin_address = await _listen(
+                    admin_runner, self.config.server.admin_listen
+                )
+                self._runners.append(admin_runner)
         except BaseException:
             await self.stop()
             raise
-        self.health.start()
+        if self.health is not None:
+            self.health.start()
+        self._sync_task = asyncio.create_task(self._sync())
         self.ready = True
         self.not_ready_reason = ""
         log.info(
@@ -141,6 +158,8 @@ class Proxy:
         self._stopped = True
         self.ready = False
         self.not_ready_reason = "shutting down"
+        if self._sync_task is not None:
+            self._sync_task.cancel()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -157,6 +176,22 @@ class Proxy:
         if self.capture is not None:
             self.capture.close()
 
+    async def _sync(self) -> None:
+        """Once a second, copy counts kept outside prometheus_client into it."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.metrics.sync(self.tracer)
+
+    def exposition_registry(self) -> CollectorRegistry:
+        """The registry ``/metrics`` renders: all workers' metrics, added up."""
+        if self.worker is None:
+            return self.registry
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
+
     def health_report(self) -> dict[str, Any]:
         """The ``/health`` document: overall status is the worst upstream's."""
         report: dict[str, Any] = {"status": "UP", "upstreams": {}}
@@ -168,9 +203,13 @@ class Proxy:
         return report
 
 
-async def _listen(runner: web.BaseRunner, address: tuple[str, int]) -> tuple[str, int]:
+async def _listen(
+    runner: web.BaseRunner, address: tuple[str, int], reuse_port: bool = False
+) -> tuple[str, int]:
     await runner.setup()
-    site = web.TCPSite(runner, address[0], address[1])
+    site = web.TCPSite(
+        runner, address[0], address[1], reuse_port=reuse_port or None, backlog=1024
+    )
     await site.start()
     bound = runner.addresses[0]
     return str(bound[0]), int(bound[1])

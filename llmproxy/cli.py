@@ -24,6 +24,7 @@ EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 _EPILOG = """\
 environment:
   LLMPROXY_CONFIG     configuration file used when --config is not given
+  LLMPROXY_WORKERS    worker processes for serve when --workers is not given
   LLMPROXY_LOG_LEVEL  log level (debug, info, warning, error); default info
   OTEL_*              OpenTelemetry exporter settings (see the README)
 
@@ -58,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("LLMPROXY_LOG_LEVEL", "info"),
         choices=("debug", "info", "warning", "error"),
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("LLMPROXY_WORKERS", "1")),
+        metavar="N",
+        help="worker processes sharing the proxy port; 0: one per CPU "
+        "(default: $LLMPROXY_WORKERS, else 1)",
+    )
+    serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 
     check = commands.add_parser(
         "check",
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return check(args.config)
     if args.command == "serve":
-        return serve(args.config, args.log_level)
+        return serve(args.config, args.log_level, args.workers, args.worker)
     from .demo import run_demo
 
     return run_demo(args.port, args.admin_port, args.requests, args.exit)
@@ -115,7 +125,9 @@ def check(path: str) -> int:
     return EXIT_OK
 
 
-def serve(path: str | None, log_level: str) -> int:
+def serve(
+    path: str | None, log_level: str, workers: int = 1, worker: int | None = None
+) -> int:
     from .telemetry.logging import setup_logging
 
     listener = setup_logging(log_level)
@@ -134,10 +146,13 @@ def serve(path: str | None, log_level: str) -> int:
                     "source": config.source,
                     "upstreams": sorted(config.upstreams),
                     "routes": [r.name for r in config.routes],
+                    "worker": worker,
                 }
             },
         )
-        return _run(_serve(config))
+        if worker is None and workers != 1:
+            return _supervise(path, log_level, workers, config)
+        return _run(_serve(config, worker))
     finally:
         listener.stop()
 
@@ -150,17 +165,40 @@ def _run(coro: object) -> int:
     return uvloop.run(coro)  # type: ignore[arg-type]
 
 
-async def _serve(config: Config) -> int:
+def _supervise(path: str | None, log_level: str, workers: int, config: Config) -> int:
+    from .workers import Supervisor, default_workers
+
+    count = workers if workers > 0 else default_workers()
+    args = ["--log-level", log_level]
+    if path:
+        args += ["--config", path]
+    return Supervisor(count, args, config.server.drain_grace).run()
+
+
+def _raise_file_limit() -> None:
+    """Each stream holds two sockets: lift the soft descriptor limit to the hard."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - best effort
+        pass
+
+
+async def _serve(config: Config, worker: int | None = None) -> int:
     from .app import Proxy
     from .telemetry.tracing import Tracer
 
+    _raise_file_limit()
     try:
         tracer = Tracer.from_env()
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    proxy = Proxy(config, tracer=tracer)
+    proxy = Proxy(config, tracer=tracer, worker=worker)
     log.info(
         "tracing.configured" if tracer is not None else "tracing.off",
         extra={"fields": {"exporter": "otlp" if tracer is not None else None}},

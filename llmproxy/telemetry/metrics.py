@@ -12,11 +12,10 @@ anomaly kinds from closed vocabularies, and models through ``BoundedLabel``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
 
 from ..anomalies import anomalies
 from ..breaker import STATE_VALUES
@@ -89,7 +88,18 @@ class BoundedLabel:
 class Metrics:
     """The proxy's Prometheus metrics, fed one finished exchange at a time."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        config: Config,
+        registry: CollectorRegistry,
+        *,
+        multiprocess: bool = False,
+        primary: bool = True,
+    ) -> None:
+        # With worker processes, prometheus_client keeps values in shared files;
+        # gauges then need a rule for combining workers, and cannot be callbacks.
+        self.multiprocess = multiprocess
+        self.primary = primary
         self.prices = PriceTable.shipped().merged(config.pricing)
         r = registry
         self.label_overflow = Counter(
@@ -110,6 +120,8 @@ class Metrics:
             for label in self.extra
         }
         self._rate_limits_read: dict[str, float] = {}
+        self._limiters: Mapping[str, Limiter] = {}
+        self._spans_failed_seen = 0
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._genai(r)
         self._proxy(r)
@@ -230,12 +242,14 @@ class Metrics:
             "Requests holding a concurrency slot of each upstream.",
             ["upstream"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.queued = Gauge(
             "llmproxy_queued_requests",
             "Requests waiting for a concurrency slot of each upstream.",
             ["upstream"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_wait = Histogram(
             "llmproxy_queue_wait_seconds",
@@ -246,8 +260,20 @@ class Metrics:
         )
         self.breaker_state = Gauge(
             "llmproxy_circuit_breaker_state",
-            "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open (the highest "
+            "among worker processes).",
             ["upstream"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.spans_dropped = Counter(
+            "llmproxy_spans_dropped",
+            "Spans dropped because the export queue was full.",
+            registry=r,
+        )
+        self.spans_failed = Counter(
+            "llmproxy_spans_export_failed",
+            "Spans the exporter could not deliver to the collector.",
             registry=r,
         )
         self.health = Gauge(
@@ -255,6 +281,7 @@ class Metrics:
             "1 for each upstream's current health state: up, degraded or down.",
             ["upstream", "state"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.probe_duration = Histogram(
             "llmproxy_probe_duration_seconds",
@@ -289,24 +316,28 @@ class Metrics:
             "Provider rate limit: what remains in the current window.",
             resource,
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.rl_limit = Gauge(
             "llmproxy_ratelimit_limit",
             "Provider rate limit: the size of the window.",
             resource,
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.rl_reset = Gauge(
             "llmproxy_ratelimit_reset_seconds",
             "Provider rate limit: seconds until the window resets.",
             resource,
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.retry_after = Gauge(
             "llmproxy_ratelimit_retry_after_seconds",
             "The latest Retry-After the upstream sent.",
             ["upstream"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
 
     def _seed(self, config: Config) -> None:
@@ -314,7 +345,8 @@ class Metrics:
         for name in config.upstreams:
             self.inflight.labels(name)
             self.breaker_state.labels(name).set(0)
-            self.health_changed(name, "UP")
+            if self.primary:  # health is evaluated by one process only
+                self.health_changed(name, "UP")
         for route in config.routes:
             self.usage_missing.labels(route.name, route.upstream)
 
@@ -475,10 +507,29 @@ class Metrics:
             self._child(self.retry_after, upstream).set(retry)
 
     def track_limiters(self, limiters: Mapping[str, Limiter]) -> None:
-        """Read in-flight and queued counts from the limiters at scrape time."""
+        """Read in-flight and queued counts from the limiters at scrape time
+        (with worker processes, ``sync`` copies them once a second instead)."""
+        self._limiters = limiters
+        if self.multiprocess:
+            return
         for name, limiter in limiters.items():
             self.inflight.labels(name).set_function(_reader(limiter, "inflight"))
             self.queued.labels(name).set_function(_reader(limiter, "queued"))
+
+    def sync(self, tracer: Tracer | None) -> None:
+        """Copy counts kept elsewhere into metrics; called once a second."""
+        if self.multiprocess:
+            for name, limiter in self._limiters.items():
+                self.inflight.labels(name).set(limiter.inflight)
+                self.queued.labels(name).set(limiter.queued)
+        if tracer is not None:
+            failed = tracer.export_failed
+            if failed > self._spans_failed_seen:
+                self.spans_failed.inc(failed - self._spans_failed_seen)
+                self._spans_failed_seen = failed
+
+    def spans_were_dropped(self, count: int) -> None:
+        self.spans_dropped.inc(count)
 
     def health_changed(self, upstream: str, status: str) -> None:
         for state in ("up", "degraded", "down"):
@@ -504,24 +555,3 @@ def _overhead(ex: Exchange) -> float:
 
 def _reader(limiter: Limiter, attribute: str) -> Callable[[], float]:
     return lambda: float(getattr(limiter, attribute))
-
-
-class SpanCounts:
-    """Exposes the tracer's own counts: spans dropped, and exports that failed."""
-
-    def __init__(self, tracer: Tracer) -> None:
-        self._tracer = tracer
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        dropped = CounterMetricFamily(
-            "llmproxy_spans_dropped",
-            "Spans dropped because the export queue was full.",
-        )
-        dropped.add_metric([], self._tracer.dropped)
-        failed = CounterMetricFamily(
-            "llmproxy_spans_export_failed",
-            "Spans the exporter could not deliver to the collector.",
-        )
-        failed.add_metric([], self._tracer.export_failed)
-        yield dropped
-        yield failed
