@@ -26,6 +26,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
+_AUTH_HEADER = "x-llmproxy-key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +100,20 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Auth:
+    """Inbound authentication for the proxy port: off unless keys are given."""
+
+    keys: tuple[str, ...] = ()
+    header: str = _AUTH_HEADER
+
+
+@dataclass(frozen=True, slots=True)
 class Server:
     listen: tuple[str, int] = ("0.0.0.0", 8080)
     admin_listen: tuple[str, int] = ("0.0.0.0", 9090)
     max_body_bytes: int = 16 * 1024 * 1024
     drain_grace: float = 30.0
+    auth: Auth = field(default_factory=Auth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +222,15 @@ def build_config(raw: object, source: str = "<built-in>") -> Config:
     pricing = v.pricing(raw.get("pricing") or {}, "pricing")
     telemetry = v.telemetry(raw.get("telemetry") or {}, "telemetry")
 
+    header = server.auth.header
+    if server.auth.keys and header in _CREDENTIAL_HEADERS:
+        for name, upstream in upstreams.items():
+            if not upstream.sets_credentials:
+                v.fail(
+                    f"upstreams.{name}.headers",
+                    f"must set the upstream's credentials when server.auth.header "
+                    f"is {header} (the client's {header} is the proxy's key)",
+                )
     if telemetry.capture_path is None:
         for i, route in enumerate(routes):
             if route.capture:
@@ -318,7 +337,9 @@ class _Validator:
     def server(self, raw: object, path: str) -> Server:
         raw = self.mapping(raw, path)
         self.unknown(
-            raw, path, {"listen", "admin_listen", "max_body_bytes", "drain_grace"}
+            raw,
+            path,
+            {"listen", "admin_listen", "max_body_bytes", "drain_grace", "auth"},
         )
         d = Server()
         server = Server(
@@ -328,10 +349,42 @@ class _Validator:
                 raw, "max_body_bytes", path, d.max_body_bytes, 1
             ),
             drain_grace=self.duration(raw, "drain_grace", path, d.drain_grace),
+            auth=self.auth(raw.get("auth"), _join(path, "auth")),
         )
         if server.listen == server.admin_listen and server.listen[1] != 0:
             self.fail(_join(path, "admin_listen"), "must differ from server.listen")
         return server
+
+    def auth(self, raw: object, path: str) -> Auth:
+        raw = self.mapping(raw, path)
+        self.unknown(raw, path, {"keys", "keys_file", "header"})
+        keys = [k for k in self.names(raw.get("keys"), _join(path, "keys")) if k]
+        keys_file = raw.get("keys_file")
+        if keys_file is not None:
+            try:
+                text = Path(str(keys_file)).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                self.fail(_join(path, "keys_file"), f"cannot read: {exc}")
+            else:
+                keys += [
+                    line.strip()
+                    for line in text.splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")
+                ]
+            if not keys:
+                self.fail(_join(path, "keys_file"), "holds no key")
+        header = raw.get("header", _AUTH_HEADER)
+        if (
+            not isinstance(header, str)
+            or not header
+            or any(c in header for c in ":\r\n ")
+        ):
+            self.fail(_join(path, "header"), "expected a header name")
+            header = _AUTH_HEADER
+        short = [k for k in keys if len(k) < 16]
+        if short:
+            self.fail(_join(path, "keys"), "keys must be at least 16 characters")
+        return Auth(keys=tuple(dict.fromkeys(keys)), header=header.lower())
 
     def upstreams(self, raw: object, path: str) -> dict[str, Upstream]:
         if not isinstance(raw, dict) or not raw:

@@ -5,6 +5,7 @@ Every failure the proxy reports, in metrics, spans, logs or a response, is one o
 
     ProxyError
     ├── ConfigError (ValueError)            bad configuration; never starts a proxy
+    ├── UnauthorizedError                   401 auth (the proxy's own key check)
     ├── NoRouteError                        404 no_route
     ├── PayloadTooLargeError                413 payload_too_large
     ├── UpstreamConnectError (ConnectionError)     502 connect_error
@@ -71,6 +72,11 @@ class ConfigError(ProxyError, ValueError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+class UnauthorizedError(ProxyError, PermissionError):
+    error_type = "auth"
+    status = 401
 
 
 class NoRouteError(ProxyError):

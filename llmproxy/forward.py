@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from .auth import Authenticator
 from .classify import classify_status
 from .config import Config
 from .dialects import dialect_for, inspect_request
@@ -31,6 +32,7 @@ from .errors import (
     NoRouteError,
     PayloadTooLargeError,
     ProxyError,
+    UnauthorizedError,
     UpstreamTimeoutError,
     error_body,
 )
@@ -71,6 +73,9 @@ class Forwarder:
         self.record = record
         self.tracer = tracer
         self.max_body = config.server.max_body_bytes
+        self.auth = (
+            Authenticator(config.server.auth) if config.server.auth.keys else None
+        )
         self._seq = 0
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -101,6 +106,8 @@ class Forwarder:
     ) -> web.StreamResponse:
         if self.tracer is not None:
             self.tracer.start(ex, request.headers)
+        if self.auth is not None:
+            self.auth.check(request.headers)
         candidates = self.router.candidates(path)
         if not candidates:
             raise NoRouteError(f"no route for {path[:200]!r}")
@@ -234,6 +241,8 @@ def _error_response(ex: Exchange, exc: ProxyError) -> web.Response:
     headers = {"Content-Type": "application/json"}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, PayloadTooLargeError):
         # The unread rest of the body makes the connection unusable.
         headers["Connection"] = "close"
