@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from .admin import admin_app
 from .config import Config
 from .dispatch import Dispatcher
-from .estimate import estimate_usage
+from .estimate import settle
 from .forward import Forwarder
 from .health import HealthMonitor
 from .telemetry import Recorder, Sink
@@ -75,8 +75,8 @@ class Proxy:
     def _default_sinks(self) -> list[Sink]:
         if not self.config.telemetry.enabled:
             return []
-        # Estimates first: every later sink sees the same, settled record.
-        sinks: list[Sink] = [estimate_usage, self.metrics.observe]
+        # Settled first: every later sink sees the same, finished record.
+        sinks: list[Sink] = [settle, self.metrics.observe]
         if self.config.telemetry.log_requests:
             sinks.append(log_exchange)
         if self.tracer is not None:

@@ -1,4 +1,8 @@
-"""Token estimates for answers whose usage the provider did not report.
+"""Settling a finished record: the work that waited for the request to end.
+
+The prompt's fingerprint and size are computed here rather than on the request
+path, and then token estimates for answers whose usage the provider did not
+report.
 
 Used only when a successful generative exchange ended without usage (an
 OpenAI-compatible server that ignores ``stream_options``, or injection turned
@@ -8,12 +12,19 @@ and such responses also count in ``llmproxy_usage_missing_total``.
 
 from __future__ import annotations
 
+from .dialects import settle_request
 from .exchange import Exchange
 
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
 _GENERATIVE = frozenset({"chat", "text_completion"})
 # Events of an OpenAI-dialect stream that carry no output: role, finish, [DONE].
 _FRAMING_EVENTS = 3
+
+
+def settle(ex: Exchange) -> None:
+    """The first sink: finish the record so every later sink sees the same one."""
+    settle_request(ex)
+    estimate_usage(ex)
 
 
 def estimate_usage(ex: Exchange) -> None:

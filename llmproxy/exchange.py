@@ -79,6 +79,7 @@ class Exchange:
         "parent_span_id",
         "parse_error",
         "path",
+        "payload",
         "pending_usage",
         "prompt_chars",
         "prompt_fingerprint",
@@ -152,6 +153,8 @@ class Exchange:
         self.wants_json = False
         self.wants_tools = False
         self.prompt_chars = 0
+        # The parsed request body, until the record is settled after the request.
+        self.payload: dict[str, Any] | None = None
         # The answer's text and tool arguments are kept only when a check needs
         # them: the request asked for JSON output or offered tools.
         self.capture = False

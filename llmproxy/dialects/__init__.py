@@ -62,9 +62,18 @@ def inspect_request(ex: Exchange, body: bytes) -> dict[str, Any] | None:
     ex.wants_json = _wants_json(obj)
     ex.wants_tools = bool(obj.get("tools") or obj.get("functions"))
     ex.capture = ex.wants_json or ex.wants_tools
+    ex.payload = obj  # the fingerprint and prompt size are read after the request
+    return obj
+
+
+def settle_request(ex: Exchange) -> None:
+    """What can wait until the request is over: prompt fingerprint and size."""
+    obj = ex.payload
+    if obj is None:
+        return
+    ex.payload = None
     ex.prompt_fingerprint = _fingerprint(obj)
     ex.prompt_chars = _prompt_chars(obj)
-    return obj
 
 
 def _wants_json(obj: dict[str, Any]) -> bool:
