@@ -22,7 +22,7 @@ from .cli import _run
 from .config import build_config
 from .exchange import Exchange
 from .simulator import start_simulator
-from .telemetry.logging import log_exchange, setup_logging
+from .telemetry.logging import setup_logging
 
 PACE = 0.02  # seconds per simulated token: realistic enough to see streaming
 
@@ -51,7 +51,7 @@ async def _demo(port: int, admin_port: int, requests: int, exit_after: bool) -> 
         },
         source="<demo>",
     )
-    proxy = Proxy(config, sinks=[log_exchange, seen.append])
+    proxy = Proxy(config, sinks=[seen.append])
     try:
         await proxy.start()
     except OSError as exc:

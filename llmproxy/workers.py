@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,28 @@ _MAX_RESTART_DELAY = 30.0
 
 
 def default_workers() -> int:
-    """One worker per CPU this process may run on."""
+    """One worker per CPU this process may use: its affinity, capped by a cgroup
+    CPU quota (a container's CPU limit, which affinity does not show)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cpus, quota)) if quota else cpus
+
+
+def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """CPUs allowed by a cgroup v2 quota, rounded up; ``None`` when unlimited."""
+    try:
+        quota, period = Path(path).read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, -(-int(quota) // int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 class Supervisor:
