@@ -113,6 +113,12 @@ class Breaker:
         # Anything else is neutral: the caller's 4xx, 429, a client disconnect.
 
     def _fault(self, trial: bool) -> None:
+        state = self.state
+        if state == STATE_OPEN or (state == STATE_HALF_OPEN and not trial):
+            # A request admitted before the breaker (re)opened failed afterwards:
+            # the outage is already known, and must not push the half-open time back.
+            return
+        trial = state == STATE_HALF_OPEN
         now = time.monotonic()
         window = self.settings.window
         failures = self._failures
@@ -127,7 +133,9 @@ class Breaker:
             self._report(STATE_OPEN)
 
     def _success(self, trial: bool) -> None:
-        if trial or self._cb.state != STATE_CLOSED:
+        # Only a half-open trial closes the breaker. A success that was admitted
+        # before the breaker opened says nothing about the upstream now.
+        if trial and self.state == STATE_HALF_OPEN:
             self._cb.__exit__(None, None, None)  # the package's reset: closed
             self._failures.clear()
             self._report(STATE_CLOSED)

@@ -58,26 +58,29 @@ class Outgoing:
 class Lease:
     """A response being relayed, holding its upstream's concurrency slot."""
 
-    __slots__ = ("breaker", "client", "limiter", "resp", "trial")
+    __slots__ = ("attempt", "breaker", "client", "limiter", "resp", "trial")
 
     def __init__(
         self,
         client: UpstreamClient,
         resp: aiohttp.ClientResponse,
+        attempt: Attempt,
         trial: bool,
         limiter: Limiter,
         breaker: Breaker,
     ) -> None:
         self.client = client
         self.resp = resp
+        self.attempt = attempt
         self.trial = trial
         self.limiter = limiter
         self.breaker = breaker
 
     def finish(self, ex: Exchange, error_type: str | None) -> None:
         """The relay is over: close, free the slot, tell the breaker."""
-        attempt = ex.attempts[-1]
-        attempt.ended = time.perf_counter()
+        attempt = self.attempt
+        if attempt.ended is None:
+            attempt.ended = time.perf_counter()
         attempt.error_type = error_type
         self.resp.close()
         self.limiter.release()
@@ -118,26 +121,49 @@ class Dispatcher:
         return found
 
     async def send(self, ex: Exchange, route: Route, out: Outgoing) -> Lease:
-        """The response to relay; the last ``ProxyError`` if none could be had."""
+        """The response to relay; the last ``ProxyError`` if none could be had.
+
+        An upstream's 429 or 5xx answer is held, unread, while the fallbacks are
+        tried: if none of them answers at all, the client gets that answer, as it
+        would have without fallbacks, rather than a proxy error.
+        """
         candidates = self.candidates(route)
         error: ProxyError | None = None
-        for position, client in enumerate(candidates):
-            upstream = client.upstream
-            ex.upstream, ex.provider, ex.api = (
-                upstream.name,
-                upstream.provider,
-                upstream.api,
-            )
-            try:
-                lease = await self._upstream(ex, client, out)
-            except ProxyError as exc:
-                error = exc
-                continue
-            last = position == len(candidates) - 1
-            if last or lease.resp.status not in _FALL_BACK_STATUS:
-                ex.fallback = position > 0
-                return lease
-            lease.finish(ex, classify_status(lease.resp.status))
+        held: tuple[Lease, int] | None = None
+        try:
+            for position, client in enumerate(candidates):
+                _select(ex, client)
+                try:
+                    lease = await self._upstream(ex, client, out)
+                except ProxyError as exc:
+                    error = exc
+                    continue
+                last = position == len(candidates) - 1
+                if last or lease.resp.status not in _FALL_BACK_STATUS:
+                    ex.fallback = position > 0
+                    if held is not None:
+                        held[0].finish(ex, classify_status(held[0].resp.status))
+                        held = None
+                    return lease
+                if held is not None:
+                    held[0].finish(ex, classify_status(held[0].resp.status))
+                held = (lease, position)
+                lease.attempt.ended = time.perf_counter()
+                lease.attempt.error_type = classify_status(lease.resp.status)
+        except BaseException:
+            if held is not None:
+                held[0].finish(ex, classify_status(held[0].resp.status))
+            raise
+        if held is not None:
+            lease, position = held
+            _select(ex, lease.client)
+            _restore(ex, lease)
+            lease.attempt.ended = lease.attempt.error_type = None
+            # The attempt that answered is the last, as telemetry expects.
+            ex.attempts.remove(lease.attempt)
+            ex.attempts.append(lease.attempt)
+            ex.fallback = position > 0
+            return lease
         assert error is not None
         raise error
 
@@ -176,7 +202,7 @@ class Dispatcher:
                 limiter.release()
                 breaker.record(trial, "client_disconnect", 0)
                 raise
-            lease = Lease(client, resp, trial, limiter, breaker)
+            lease = Lease(client, resp, ex.attempts[-1], trial, limiter, breaker)
             if resp.status < 400:
                 return lease
             delay = retry_delay(settings, number, None, resp.status, resp.headers)
@@ -249,6 +275,22 @@ class Dispatcher:
     def close(self) -> None:
         for breaker in self.breakers.values():
             breaker.close()
+
+
+def _select(ex: Exchange, client: UpstreamClient) -> None:
+    upstream = client.upstream
+    ex.upstream, ex.provider, ex.api = upstream.name, upstream.provider, upstream.api
+
+
+def _restore(ex: Exchange, lease: Lease) -> None:
+    """Make a held answer the exchange's response again."""
+    resp = lease.resp
+    ex.status = resp.status
+    ex.t_headers = lease.attempt.t_headers
+    ex.response_headers = resp.headers
+    ex.upstream_request_id = resp.headers.get("x-request-id") or resp.headers.get(
+        "request-id"
+    )
 
 
 async def _acquire(limiter: Limiter) -> float:
