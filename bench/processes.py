@@ -68,11 +68,14 @@ class Processes:
         self, name: str, argv: list[str], env: Mapping[str, str]
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` in a new session, its output going to ``name``'s log."""
+        # The bench decides where spans go: none of the caller's OTEL_* settings.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        # A file, not a pipe: llmproxy logs a line per request and must never block.
         with open(self.logs / f"{name}.log", "wb") as log:
             process = subprocess.Popen(
                 argv,
                 cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                env={**inherited, "PYTHONPATH": str(ROOT), **env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -97,7 +100,10 @@ class Processes:
 
     def tail(self, name: str, lines: int = 6, width: int = 300) -> str:
         """The end of ``name``'s log, for a message about why it failed."""
-        text = (self.logs / f"{name}.log").read_text(errors="replace")
+        with open(self.logs / f"{name}.log", "rb") as log:
+            # A request log can be large: read its last 64 KiB only.
+            log.seek(max(log.seek(0, os.SEEK_END) - 65536, 0))
+            text = log.read().decode(errors="replace")
         return "\n".join(line[:width] for line in text.splitlines()[-lines:])
 
 
@@ -144,8 +150,66 @@ def children_cpu() -> float:
 
 def peak_rss_kb(pid: int) -> int | None:
     """The process's peak resident set size (VmHWM), in KiB."""
+    return _status_kb(pid, "VmHWM")
+
+
+def rss_kb(pid: int) -> int | None:
+    """The process's resident set size now (VmRSS), in KiB."""
+    return _status_kb(pid, "VmRSS")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Start the process's VmHWM afresh from its RSS now; False where Linux refuses."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as clear:
+            clear.write("5")  # proc(5): 5 resets the peak resident set size
+    except OSError:
+        return False
+    return True
+
+
+def _status_kb(pid: int, field: str) -> int | None:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return None
+
+
+def raise_nofile(wanted: int) -> tuple[int, int]:
+    """Raise the soft open-file limit towards ``wanted`` (never past the hard one).
+
+    Child processes inherit it, so calling this before starting them covers the
+    provider, the proxies and the load generators. Returns (soft, hard) after.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < ceiling:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+        soft = ceiling
+    return soft, hard
+
+
+def fetch_text(url: str, timeout: float = 5.0) -> str | None:
+    """The body of ``GET url`` as text, or None if it cannot be had."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bytes(response.read()).decode()
+    except OSError:
+        return None
+
+
+def metric_value(exposition: str, name: str, labels: str = "") -> float | None:
+    """One sample from Prometheus text: ``name`` with exactly ``labels``, or the
+    sum over every label set when ``labels`` is empty; None when absent."""
+    total: float | None = None
+    for line in exposition.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, value = line.rpartition(" ")
+        if series.split("{", 1)[0] != name:
+            continue
+        if labels and series != f"{name}{{{labels}}}":
+            continue
+        total = (total or 0.0) + float(value)
+    return total

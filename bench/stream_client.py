@@ -4,7 +4,9 @@ N workers each send one request after another for D seconds over kept-alive
 connections; the summary is one JSON object on stdout. For a stream it records the
 time to the first body byte, to the first token, to the end, and the gap between
 consecutive tokens as they came off the socket: a proxy that buffers shows as
-gaps near zero followed by one long one.
+gaps near zero followed by one long one. With ``--once`` each worker sends one
+request instead: N streams held open at the same time. SIGINT ends the run early,
+still printing the summary.
 
     python bench/stream_client.py --url http://127.0.0.1:8080 -c 16 -d 5
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from processes import raise_nofile
 
 PATH = "/v1/chat/completions"
 # OpenAI chat chunks carrying a token; the role chunk and the finish chunk do not.
@@ -108,25 +112,40 @@ async def one_call(
         tally.total.append(time.perf_counter() - start)
 
 
+@dataclass
+class Deadline:
+    """When workers stop starting requests; SIGINT moves it to now."""
+
+    at: float = 0.0
+    stopped: bool = False
+
+    def passed(self) -> bool:
+        return self.stopped or time.perf_counter() >= self.at
+
+
 async def worker(
     session: aiohttp.ClientSession,
     args: argparse.Namespace,
-    deadline: float,
+    deadline: Deadline,
     tally: Tally | None,
 ) -> None:
-    """Send requests one after another until ``deadline``."""
+    """Send requests one after another until ``deadline``, or just one."""
     stream = args.mode == "stream"
     body = orjson.dumps({"model": "sim-1", "messages": MESSAGES, "stream": stream})
     send = one_stream if stream else one_call
     url = args.url.rstrip("/") + PATH
-    while time.perf_counter() < deadline:
+    while not deadline.passed():
         try:
             await send(session, url, body, tally)
         except (TimeoutError, aiohttp.ClientError):
             if tally is not None:
                 tally.errors += 1
+            if args.once:
+                return
             # A refused connection fails at once; do not spin on it.
             await asyncio.sleep(0.01)
+        if args.once:
+            return
 
 
 async def load(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,14 +156,20 @@ async def load(args: argparse.Namespace) -> dict[str, Any]:
     if args.tokens is not None:
         headers["x-sim-tokens"] = str(args.tokens)
     connector = aiohttp.TCPConnector(limit=args.concurrency)
-    timeout = aiohttp.ClientTimeout(total=60)
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    deadline = Deadline()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, setattr, deadline, "stopped", True)
+    tally = Tally()
+    phases: list[tuple[float, Tally | None]] = [(math.inf, tally)]
+    if not args.once:
+        phases = [(args.warmup, None), (args.duration, tally)]
     async with aiohttp.ClientSession(
         connector=connector, headers=headers, timeout=timeout
     ) as session:
-        tally = Tally()
-        for duration, record in ((args.warmup, None), (args.duration, tally)):
+        for duration, record in phases:
             start, cpu = time.perf_counter(), time.process_time()
-            deadline = start + duration
+            deadline.at = start + duration
             count = args.concurrency
             await asyncio.gather(
                 *(worker(session, args, deadline, record) for _ in range(count))
@@ -158,6 +183,7 @@ def report(args: argparse.Namespace, tally: Tally, elapsed: float) -> dict[str, 
     """The JSON summary of one run."""
     return {
         "mode": args.mode,
+        "once": args.once,
         "concurrency": args.concurrency,
         "pace_ms": args.pace_ms,
         "tokens": args.tokens,
@@ -183,7 +209,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5, help="seconds")
     parser.add_argument("--pace-ms", type=float, help="sets x-sim-pace-ms")
     parser.add_argument("--tokens", type=int, help="sets x-sim-tokens")
+    parser.add_argument("--once", action="store_true", help="one request per worker")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per request, s")
     args = parser.parse_args()
+    # A socket per worker, beyond the 1024 files many systems allow by default.
+    raise_nofile(args.concurrency + 256)
     try:
         import uvloop
     except ImportError:

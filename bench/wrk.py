@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 POST_SCRIPT = Path(__file__).resolve().parent / "post.lua"
+# Each connection pauses 20 ms between requests: load at a bounded rate.
+PACED_SCRIPT = POST_SCRIPT.with_name("post_paced.lua")
 _UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 _PERCENTILE = re.compile(r"^\s*(50|75|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", re.M)
 _RATE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
@@ -18,7 +20,9 @@ _SOCKET = re.compile(
 )
 
 
-def command(url: str, concurrency: int, seconds: float) -> list[str]:
+def command(
+    url: str, concurrency: int, seconds: float, script: Path = POST_SCRIPT
+) -> list[str]:
     """The wrk command line that POSTs chat completions to ``url``."""
     return [
         "wrk",
@@ -29,7 +33,7 @@ def command(url: str, concurrency: int, seconds: float) -> list[str]:
         "--timeout",
         "10s",
         "-s",
-        str(POST_SCRIPT),
+        str(script),
         url,
     ]
 
