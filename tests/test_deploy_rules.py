@@ -207,6 +207,12 @@ def test_alerts_carry_severity_and_runbook() -> None:
         assert len(annotations["runbook"]) > 200, f"{name}: runbook says too little"
 
 
+def test_readme_explains_every_alert() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for alert in rules("alert"):
+        assert f"| `{alert['alert']}` |" in readme, f"{alert['alert']}: not in README"
+
+
 def test_recording_rules_are_named_level_metric_operation() -> None:
     names = [r["record"] for r in rules("record")]
     assert len(names) == len(set(names))
