@@ -27,7 +27,7 @@ from .forward import Forwarder
 from .health import HealthMonitor
 from .telemetry import Recorder, Sink
 from .telemetry.capture import CaptureSink
-from .telemetry.logging import log_exchange
+from .telemetry.logging import log_exchange, protocol_log
 from .telemetry.metrics import Metrics
 from .upstream import UpstreamClient, new_clients
 
@@ -116,11 +116,19 @@ class Proxy:
             forwarder,
             handler_cancellation=True,
             access_log=None,
+            logger=protocol_log,
+            # aiohttp closes a connection that has not sent a whole request's
+            # headers this long after connecting or after its last response.
+            keepalive_timeout=self.config.server.client_timeout,
         )
         grace = self.config.server.drain_grace
         proxy_runner = web.ServerRunner(server, shutdown_timeout=grace)
         admin_runner = web.AppRunner(
-            admin_app(self), access_log=None, shutdown_timeout=1.0
+            admin_app(self),
+            access_log=None,
+            shutdown_timeout=1.0,
+            logger=protocol_log,
+            keepalive_timeout=self.config.server.client_timeout,
         )
         try:
             self.proxy_address = await _listen(

@@ -113,6 +113,9 @@ class Server:
     admin_listen: tuple[str, int] = ("0.0.0.0", 9090)
     max_body_bytes: int = 16 * 1024 * 1024
     drain_grace: float = 30.0
+    # A client must send a whole request (headers and body) within this long of
+    # connecting or of its previous response; idle connections close after it.
+    client_timeout: float = 75.0
     auth: Auth = field(default_factory=Auth)
 
 
@@ -339,7 +342,14 @@ class _Validator:
         self.unknown(
             raw,
             path,
-            {"listen", "admin_listen", "max_body_bytes", "drain_grace", "auth"},
+            {
+                "listen",
+                "admin_listen",
+                "max_body_bytes",
+                "drain_grace",
+                "client_timeout",
+                "auth",
+            },
         )
         d = Server()
         server = Server(
@@ -349,10 +359,13 @@ class _Validator:
                 raw, "max_body_bytes", path, d.max_body_bytes, 1
             ),
             drain_grace=self.duration(raw, "drain_grace", path, d.drain_grace),
+            client_timeout=self.duration(raw, "client_timeout", path, d.client_timeout),
             auth=self.auth(raw.get("auth"), _join(path, "auth")),
         )
         if server.listen == server.admin_listen and server.listen[1] != 0:
             self.fail(_join(path, "admin_listen"), "must differ from server.listen")
+        if server.client_timeout <= 0:
+            self.fail(_join(path, "client_timeout"), "must be more than 0")
         return server
 
     def auth(self, raw: object, path: str) -> Auth:

@@ -8,6 +8,7 @@ Every failure the proxy reports, in metrics, spans, logs or a response, is one o
     ├── UnauthorizedError                   401 auth (the proxy's own key check)
     ├── NoRouteError                        404 no_route
     ├── PayloadTooLargeError                413 payload_too_large
+    ├── ClientTimeoutError (TimeoutError)   408 client_disconnect (request too slow)
     ├── UpstreamConnectError (ConnectionError)     502 connect_error
     ├── MalformedResponseError              502 malformed_response
     ├── CircuitOpenError                    503 circuit_open
@@ -87,6 +88,13 @@ class NoRouteError(ProxyError):
 class PayloadTooLargeError(ProxyError):
     error_type = "payload_too_large"
     status = 413
+
+
+class ClientTimeoutError(ProxyError, TimeoutError):
+    """The client did not send its whole request in time; the proxy hangs up."""
+
+    error_type = "client_disconnect"
+    status = 408
 
 
 class UpstreamConnectError(ProxyError, ConnectionError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .dialects import settle_request
 from .exchange import Exchange
+from .headers import scrub_secrets
 
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
 _GENERATIVE = frozenset({"chat", "text_completion"})
@@ -25,6 +26,9 @@ def settle(ex: Exchange) -> None:
     """The first sink: finish the record so every later sink sees the same one."""
     settle_request(ex)
     estimate_usage(ex)
+    if ex.error_message and ex.request_headers:
+        # A provider's error message may quote the credentials it was sent.
+        ex.error_message = scrub_secrets(ex.error_message, ex.request_headers)
 
 
 def estimate_usage(ex: Exchange) -> None:

@@ -29,6 +29,7 @@ from .config import Config
 from .dialects import dialect_for, inspect_request
 from .dispatch import Dispatcher, Outgoing
 from .errors import (
+    ClientTimeoutError,
     NoRouteError,
     PayloadTooLargeError,
     ProxyError,
@@ -73,6 +74,7 @@ class Forwarder:
         self.record = record
         self.tracer = tracer
         self.max_body = config.server.max_body_bytes
+        self.client_timeout = config.server.client_timeout
         self.auth = (
             Authenticator(config.server.auth) if config.server.auth.keys else None
         )
@@ -111,7 +113,7 @@ class Forwarder:
         candidates = self.router.candidates(path)
         if not candidates:
             raise NoRouteError(f"no route for {path[:200]!r}")
-        body = await _read_body(request, self.max_body)
+        body = await _read_body(request, self.max_body, self.client_timeout)
         ex.bytes_in = len(body)
         ex.request_headers = request.headers
         payload = inspect_request(ex, body)
@@ -218,8 +220,9 @@ class Forwarder:
         return out
 
 
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The request body, or ``PayloadTooLargeError`` once it exceeds ``limit``."""
+async def _read_body(request: web.BaseRequest, limit: int, within: float) -> bytes:
+    """The request body; ``PayloadTooLargeError`` once it exceeds ``limit``, and
+    ``ClientTimeoutError`` if it has not all arrived within ``within`` seconds."""
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLargeError(f"request body of {length} bytes exceeds {limit}")
@@ -227,11 +230,18 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
         return b""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        # A client trickling its body would otherwise hold a connection forever.
+        async with asyncio.timeout(within):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise ClientTimeoutError(
+            f"request body not received within {within:g}s"
+        ) from exc
     return b"".join(chunks)
 
 
@@ -243,7 +253,7 @@ def _error_response(ex: Exchange, exc: ProxyError) -> web.Response:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
-    if isinstance(exc, PayloadTooLargeError):
+    if isinstance(exc, PayloadTooLargeError | ClientTimeoutError):
         # The unread rest of the body makes the connection unusable.
         headers["Connection"] = "close"
     return web.Response(

@@ -26,6 +26,18 @@ HOP_BY_HOP = frozenset(
     }
 )
 CREDENTIALS = frozenset({"authorization", "x-api-key", "api-key"})
+# Request headers whose values are secrets, or identify an account, in the form
+# some SDK or gateway sends them: never written to logs, spans or captures.
+SECRET_HEADERS = CREDENTIALS | {
+    "proxy-authorization",
+    "cookie",
+    "x-goog-api-key",
+    "ocp-apim-subscription-key",
+    "openai-organization",
+    "openai-project",
+    "x-llmproxy-key",
+}
+_MIN_SECRET = 8  # shorter fragments are not worth hiding, and would mangle text
 # Set again by the client library for the upstream connection and body.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 # The proxy reads a copy of every response, so it only offers codings it can read.
@@ -65,6 +77,25 @@ def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]
     """Headers to send the client: the upstream's, minus hop-by-hop ones."""
     drop = HOP_BY_HOP | _connection_listed(upstream)
     return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+
+
+def scrub_secrets(text: str, headers: Mapping[str, str]) -> str:
+    """``text`` with every secret header value in ``headers`` replaced.
+
+    For a provider's error message, which may quote the key it was sent: the
+    whole value and each word of it (the token of ``Bearer <token>``) go.
+    """
+    items = headers.items()
+    found = {
+        part
+        for key, value in items
+        if key.lower() in SECRET_HEADERS
+        for part in (value, *value.split())
+        if len(part) >= _MIN_SECRET
+    }
+    for secret in sorted(found, key=len, reverse=True):
+        text = text.replace(secret, "[REDACTED]")
+    return text
 
 
 def _readable_codings(value: str) -> str:

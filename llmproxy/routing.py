@@ -8,12 +8,15 @@ no patterns takes the models that no pattern claimed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 from .config import Route
 
-_DOT_SEGMENTS = ("/./", "/../", "%2e", "%2E")
+# What some servers take for a path separator besides "/": an upstream that
+# decodes "%2F" or treats "\\" as "/" would read "..%2F" as a dot segment.
+_SEPARATORS = re.compile(r"%2f|%5c|\\", re.IGNORECASE)
 
 
 class Router:
@@ -41,11 +44,7 @@ class Router:
         Paths with dot segments match nothing: forwarded as they are, they could
         climb out of the route's prefix on the upstream.
         """
-        if (
-            not path.startswith("/")
-            or any(s in path for s in _DOT_SEGMENTS)
-            or path.endswith(("/..", "/."))
-        ):
+        if not path.startswith("/") or _has_dot_segment(path):
             return []
         found: list[Route] = []
         for prefix, routes in self._by_prefix:
@@ -62,6 +61,21 @@ class Router:
             if model is not None and any(fnmatchcase(model, p) for p in route.models):
                 return route
         return None
+
+
+def _has_dot_segment(path: str) -> bool:
+    """Whether ``path`` holds a ``.`` or ``..`` segment, however it is spelled.
+
+    Percent-encoded dots, encoded slashes and backslashes count, and so does a
+    segment such as ``..;x`` that a server stripping path parameters reads as
+    ``..``.
+    """
+    if "%2e" in path or "%2E" in path:
+        return True
+    if "." not in path:
+        return False
+    segments = _SEPARATORS.sub("/", path).split("/")
+    return any(s.partition(";")[0] in (".", "..") for s in segments)
 
 
 def upstream_path(route: Route, path: str) -> str:

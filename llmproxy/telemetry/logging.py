@@ -22,10 +22,13 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..exchange import Exchange
 
 access_log = logging.getLogger("llmproxy.access")
+# aiohttp's own server logger for both listeners: see ``ProtocolErrorFilter``.
+protocol_log = logging.getLogger("llmproxy.http")
 _RESERVED = frozenset({"ts", "level", "logger", "event"})
 _BATCH = 512  # lines per write at most
 FLUSH_EVERY = 0.1  # seconds between the writer's wake-ups
@@ -132,6 +135,35 @@ class LogWriter:
                 self._stream.flush()
         except (OSError, ValueError):
             pass  # stdout went away: nothing better to do with a log line
+
+
+class ProtocolErrorFilter(logging.Filter):
+    """Makes aiohttp's report of a request it could not parse safe to write.
+
+    aiohttp logs the offending request bytes with the parse error, and those
+    bytes may hold a credential header. The record keeps the client's address
+    and the kind of error only, as the ``request.malformed`` event: the
+    client's mistake, so INFO, with no traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            args = record.args
+            remote = args[0] if isinstance(args, tuple) and args else None
+            record.msg, record.args = "request.malformed", None
+            if record.levelno > logging.INFO:
+                record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+            record.fields = {
+                "remote": remote,
+                "status": exc.code,
+                "error": type(exc).__name__,
+            }
+        return True
+
+
+protocol_log.addFilter(ProtocolErrorFilter())
 
 
 class _WriterHandler(logging.Handler):
