@@ -27,6 +27,7 @@ _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
 _AUTH_HEADER = "x-llmproxy-key"
+_MAX_DEPTH = 32  # a real configuration nests a handful of levels
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,11 +207,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError([f"{path}: not valid YAML{where}"]) from exc
+    except RecursionError as exc:
+        raise ConfigError([f"{path}: nested too deeply"]) from exc
     return build_config(raw, source=str(path))
 
 
 def build_config(raw: object, source: str = "<built-in>") -> Config:
     """Validate a parsed YAML document; raise ``ConfigError`` listing every problem."""
+    if _too_deep(raw):
+        raise ConfigError(["(top level): nested too deeply"])
     v = _Validator()
     raw = v.expand_env(raw, "")
     if not isinstance(raw, dict):
@@ -734,6 +739,25 @@ def _split_url(url: object) -> SplitResult | None:
     except ValueError:
         return None
     return parts
+
+
+def _too_deep(value: object, depth: int = 0, seen: set[int] | None = None) -> bool:
+    """Whether ``value`` nests deeper than any configuration needs to.
+
+    Checked first, so that the recursive walks that follow (and the ``repr`` of
+    a value in a problem) cannot exhaust the stack. YAML aliases share one
+    object: each is walked once.
+    """
+    if depth > _MAX_DEPTH:
+        return True
+    if not isinstance(value, dict | list):
+        return False
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return False
+    seen.add(id(value))
+    items = value.values() if isinstance(value, dict) else value
+    return any(_too_deep(item, depth + 1, seen) for item in items)
 
 
 def _join(path: str, key: str) -> str:

@@ -9,7 +9,9 @@ have received without the option; the tap reads the original.
 
 This is the one place the proxy rewrites a response. It works on whole events,
 so a partial event is held until its blank line arrives; the upstream is asked
-for an uncompressed stream, since a compressed one could not be edited.
+for an uncompressed stream, since a compressed one could not be edited. An
+"event" that grows past ``MAX_PENDING`` without ending is no event stream: the
+rest of the body is then passed on unedited rather than held.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import orjson
 
 from .config import Upstream
 from .exchange import Exchange
+from .sse import DEFAULT_MAX_EVENT_BYTES
 
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+MAX_PENDING = DEFAULT_MAX_EVENT_BYTES
 
 
 def inject_usage(ex: Exchange, upstream: Upstream, payload: Any) -> bytes | None:
@@ -50,16 +54,25 @@ def inject_usage(ex: Exchange, upstream: Upstream, payload: Any) -> bytes | None
 class UsageStripper:
     """Removes what ``include_usage`` added, event by event."""
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_passthrough", "_pending")
 
     def __init__(self) -> None:
         self._pending = b""
+        self._passthrough = False
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes of the complete events in ``chunk``, with usage removed."""
-        data = self._pending + chunk if self._pending else chunk
-        end = _last_event_end(data)
+        if self._passthrough:
+            return chunk
+        pending = self._pending
+        data = pending + chunk if pending else chunk
+        # What is pending holds no event end: look only where a new one can be.
+        end = _last_event_end(data, max(len(pending) - 3, 0))
         if end < 0:
+            if len(data) > MAX_PENDING:
+                self._passthrough = True
+                self._pending = b""
+                return data
             self._pending = data
             return b""
         self._pending = data[end:]
@@ -85,11 +98,11 @@ class UsageStripper:
         return b"".join(out)
 
 
-def _last_event_end(data: bytes) -> int:
-    """The index just past the last blank line in ``data``, or -1."""
+def _last_event_end(data: bytes, start: int = 0) -> int:
+    """The index just past the last blank line in ``data[start:]``, or -1."""
     end = -1
     for separator in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-        found = data.rfind(separator)
+        found = data.rfind(separator, start)
         if found >= 0:
             end = max(end, found + len(separator))
     return end
