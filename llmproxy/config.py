@@ -21,6 +21,7 @@ import yaml
 from .errors import ConfigError
 
 APIS = ("openai", "anthropic")
+CACHE_BACKENDS = ("memory", "redis")
 OPTIONAL_LABELS = ("tenant", "prompt_version")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -90,6 +91,16 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteCache:
+    """A route's response cache settings; a route without them caches nothing."""
+
+    ttl: float = 3600.0
+    max_entry_bytes: int = 1024 * 1024
+    # Cache answers to temperature > 0 or n > 1 too (each repeat gets the same one).
+    allow_nondeterministic: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     prefix: str
     upstream: str
@@ -98,6 +109,7 @@ class Route:
     models: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] = ()
     capture: bool = False
+    cache: RouteCache | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +154,17 @@ class Price:
 
 
 @dataclass(frozen=True, slots=True)
+class Cache:
+    """Where cached responses live, for the routes that enable caching."""
+
+    backend: str = "memory"  # memory | redis
+    max_bytes: int = 256 * 1024 * 1024  # the in-memory budget, per process
+    redis_url: str | None = None
+    timeout: float = 0.1  # per Redis command; slower means served uncached
+    backoff: float = 5.0  # after a Redis failure, how long it is left alone
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: Server
     upstreams: Mapping[str, Upstream]
@@ -149,6 +172,7 @@ class Config:
     pricing: Mapping[str, Price] = field(default_factory=dict)
     telemetry: Telemetry = field(default_factory=Telemetry)
     source: str = "<built-in>"
+    cache: Cache = field(default_factory=Cache)
 
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -222,13 +246,16 @@ def build_config(raw: object, source: str = "<built-in>") -> Config:
         raise ConfigError(
             ["(top level): expected a mapping with server, upstreams, routes"]
         )
-    v.unknown(raw, "", {"server", "upstreams", "routes", "pricing", "telemetry"})
+    v.unknown(
+        raw, "", {"server", "upstreams", "routes", "pricing", "telemetry", "cache"}
+    )
 
     server = v.server(raw.get("server") or {}, "server")
     upstreams = v.upstreams(raw.get("upstreams"), "upstreams")
     routes = v.routes(raw.get("routes"), "routes", upstreams)
     pricing = v.pricing(raw.get("pricing") or {}, "pricing")
     telemetry = v.telemetry(raw.get("telemetry") or {}, "telemetry")
+    cache = v.cache(raw.get("cache") or {}, "cache")
 
     header = server.auth.header
     if server.auth.keys and header in _CREDENTIAL_HEADERS:
@@ -245,7 +272,7 @@ def build_config(raw: object, source: str = "<built-in>") -> Config:
                 v.fail(f"routes[{i}].capture", "needs telemetry.capture_path")
     if v.problems:
         raise ConfigError(v.problems)
-    return Config(server, upstreams, routes, pricing, telemetry, source)
+    return Config(server, upstreams, routes, pricing, telemetry, source, cache)
 
 
 class _Validator:
@@ -602,6 +629,7 @@ class _Validator:
                 "models",
                 "fallbacks",
                 "capture",
+                "cache",
             },
         )
         prefix = raw.get("prefix")
@@ -636,6 +664,65 @@ class _Validator:
             models=tuple(models),
             fallbacks=tuple(fallbacks),
             capture=self.boolean(raw, "capture", path, False),
+            cache=self.route_cache(raw.get("cache"), _join(path, "cache")),
+        )
+
+    def route_cache(self, raw: object, path: str) -> RouteCache | None:
+        """A route's ``cache`` block; a block without ``enabled: false`` turns it on."""
+        if raw is None:
+            return None
+        raw = self.mapping(raw, path)
+        self.unknown(
+            raw, path, {"enabled", "ttl", "max_entry_bytes", "allow_nondeterministic"}
+        )
+        d = RouteCache()
+        settings = RouteCache(
+            ttl=self.duration(raw, "ttl", path, d.ttl),
+            max_entry_bytes=self.integer(
+                raw, "max_entry_bytes", path, d.max_entry_bytes, 1
+            ),
+            allow_nondeterministic=self.boolean(
+                raw, "allow_nondeterministic", path, False
+            ),
+        )
+        if settings.ttl <= 0:
+            self.fail(_join(path, "ttl"), "must be more than 0")
+        return settings if self.boolean(raw, "enabled", path, True) else None
+
+    def cache(self, raw: object, path: str) -> Cache:
+        raw = self.mapping(raw, path)
+        self.unknown(
+            raw, path, {"backend", "max_bytes", "redis_url", "timeout", "backoff"}
+        )
+        d = Cache()
+        backend = raw.get("backend", d.backend)
+        if backend not in CACHE_BACKENDS:
+            self.fail(
+                _join(path, "backend"),
+                f"expected one of {', '.join(CACHE_BACKENDS)}, got {backend!r}",
+            )
+            backend = d.backend
+        url = raw.get("redis_url")
+        if url is not None and (
+            not isinstance(url, str)
+            or not url.startswith(("redis://", "rediss://", "unix://"))
+        ):
+            self.fail(
+                _join(path, "redis_url"),
+                "expected a redis://, rediss:// or unix:// URL",
+            )
+            url = None
+        elif backend == "redis" and url is None:
+            self.fail(_join(path, "redis_url"), "required when backend is redis")
+        timeout = self.duration(raw, "timeout", path, d.timeout)
+        if timeout <= 0:
+            self.fail(_join(path, "timeout"), "must be more than 0")
+        return Cache(
+            backend=backend,
+            max_bytes=self.integer(raw, "max_bytes", path, d.max_bytes, 1),
+            redis_url=url,
+            timeout=timeout,
+            backoff=self.duration(raw, "backoff", path, d.backoff),
         )
 
     def names(self, raw: object, path: str) -> list[str]:
