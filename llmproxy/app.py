@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .admin import admin_app
+from .cache import ResponseCache, new_cache
 from .config import Config
 from .dispatch import Dispatcher
 from .estimate import settle
@@ -63,6 +64,7 @@ class Proxy:
         self.recorder = Recorder([*self._default_sinks(), *(sinks or [])])
         self.clients: dict[str, UpstreamClient] = {}
         self.dispatcher: Dispatcher | None = None
+        self.cache: ResponseCache | None = None
         self.health: HealthMonitor | None = None
         self.ready = False
         self.not_ready_reason = "starting"
@@ -109,8 +111,21 @@ class Proxy:
                 on_probe=self.metrics.probed,
             )
             self.recorder.sinks.append(self.health.observe)
+        if any(route.cache is not None for route in self.config.routes):
+            auth = self.config.server.auth
+            self.cache = new_cache(
+                self.config.cache,
+                auth.header if auth.keys else None,
+                on_evict=self.metrics.cache_evicted,
+                on_error=self.metrics.cache_failed,
+            )
+            self.metrics.track_cache(self.cache)
         forwarder = Forwarder(
-            self.config, self.dispatcher, self.recorder, tracer=self.tracer
+            self.config,
+            self.dispatcher,
+            self.recorder,
+            tracer=self.tracer,
+            cache=self.cache,
         )
         server = web.Server(
             forwarder,
@@ -177,6 +192,8 @@ class Proxy:
             await client.close()
         if self.dispatcher is not None:
             self.dispatcher.close()
+        if self.cache is not None:
+            await self.cache.close()
         self.recorder.flush()
         if self.tracer is not None:
             # Flushing may wait on a sick collector: never on the event loop.

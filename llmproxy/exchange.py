@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cache import Entry
 
 TOKEN_FIELDS = (
     ("input", "input_tokens"),
@@ -60,6 +63,8 @@ class Exchange:
         "bytes_in",
         "bytes_out",
         "cache_creation_input_tokens",
+        "cache_entry",
+        "cache_result",
         "cached_input_tokens",
         "capture",
         "client_disconnected",
@@ -164,6 +169,10 @@ class Exchange:
         self.refusal = False
         self.usage_injected = False
         self.fallback = False  # answered by one of the route's fallbacks
+        # On routes with a response cache: hit, miss or bypass; and on a hit, the
+        # entry served (its usage is what was not bought).
+        self.cache_result: str | None = None
+        self.cache_entry: Entry | None = None
         self.estimated = False
         # Arrival times of a stream's chunks, for the time per output chunk.
         self.arrivals: list[float] | None = None
@@ -232,6 +241,7 @@ class Exchange:
             "error_message": self.error_message,
             "finish_reasons": self.finish_reasons or None,
             "usage_source": self.usage_source,
+            "cache": self.cache_result,
             "prompt_fingerprint": self.prompt_fingerprint,
             "prompt_version": self.prompt_version,
             "tenant": self.tenant,

@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from .auth import Authenticator
+from .cache import CACHE_HEADER, Fill, ResponseCache
 from .classify import classify_status
 from .config import Config
 from .dialects import dialect_for, inspect_request
@@ -67,8 +68,10 @@ class Forwarder:
         dispatcher: Dispatcher,
         record: Recorder,
         tracer: Tracer | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.config = config
+        self.cache = cache
         self.router = Router(config.routes)
         self.dispatcher = dispatcher
         self.record = record
@@ -139,11 +142,19 @@ class Forwarder:
             body,
             payload,
         )
+        fill: Fill | None = None
+        if route.cache is not None and self.cache is not None:
+            upstream = self.dispatcher.clients[route.upstream].upstream
+            entry, fill = await self.cache.lookup(ex, route, upstream, out)
+            if entry is not None:
+                hit = self.cache.response(ex, entry)
+                hit.headers[UPSTREAM_HEADER] = entry.upstream
+                return hit
 
         lease = await self.dispatcher.send(ex, route, out)
         try:
             return await self._relay(
-                request, lease.resp, ex, dialect if ex.operation else None
+                request, lease.resp, ex, dialect if ex.operation else None, fill
             )
         finally:
             if ex.status >= 400 and ex.error_type is None:
@@ -156,10 +167,13 @@ class Forwarder:
         resp: aiohttp.ClientResponse,
         ex: Exchange,
         dialect: object,
+        fill: Fill | None = None,
     ) -> web.StreamResponse:
         """Stream the upstream response to the client as it arrives."""
         headers = client_response_headers(resp.headers)
         headers[UPSTREAM_HEADER] = ex.upstream or ""
+        if ex.cache_result is not None:
+            headers[CACHE_HEADER] = ex.cache_result
         out = web.StreamResponse(
             status=resp.status, reason=resp.reason, headers=headers
         )
@@ -179,6 +193,8 @@ class Forwarder:
         feed = tap.feed
         strip = UsageStripper() if ex.usage_injected else None
         arrivals = ex.arrivals = [] if tap.streaming else None
+        # A copy for the cache, of cacheable answers only; stored after the end.
+        keep = fill.add if fill is not None and resp.status == 200 else None
         try:
             while chunk := await read():
                 if strip is None:
@@ -194,6 +210,8 @@ class Forwarder:
                 if arrivals is not None and len(arrivals) < _MAX_ARRIVALS:
                     arrivals.append(now)
                 feed(chunk)
+                if keep is not None:
+                    keep(chunk)
             if strip is not None and (rest := strip.flush()):
                 await write(rest)
                 ex.bytes_out += len(rest)
@@ -217,6 +235,8 @@ class Forwarder:
             tap.close(complete)
         if complete:
             await out.write_eof()
+        if complete and fill is not None and self.cache is not None:
+            self.cache.keep(fill, ex)
         return out
 
 

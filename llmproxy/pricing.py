@@ -8,14 +8,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 from .config import Price
-from .exchange import Exchange
 
 _PER_TOKEN = 1e-6  # rates are USD per million tokens
+
+
+class Usage(Protocol):
+    """Token counts, as an ``Exchange`` or a cached ``Entry`` holds them."""
+
+    @property
+    def input_tokens(self) -> int | None: ...
+    @property
+    def output_tokens(self) -> int | None: ...
+    @property
+    def cached_input_tokens(self) -> int | None: ...
+    @property
+    def cache_creation_input_tokens(self) -> int | None: ...
+    @property
+    def reasoning_tokens(self) -> int | None: ...
 
 
 class PriceTable:
@@ -53,7 +67,7 @@ class PriceTable:
             self._resolved[model] = found
         return found
 
-    def cost(self, model: str | None, ex: Exchange) -> float | None:
+    def cost(self, model: str | None, ex: Usage) -> float | None:
         """USD for the exchange's usage, or ``None`` when the model has no price."""
         price = self.price(model)
         if price is None:

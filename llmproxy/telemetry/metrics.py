@@ -26,6 +26,7 @@ from ..pricing import PriceTable
 from ..ratelimits import read_rate_limits, retry_after_seconds
 
 if TYPE_CHECKING:
+    from ..cache import ResponseCache
     from .tracing import Tracer
 
 # Bucket boundaries from the OpenTelemetry GenAI semantic conventions.
@@ -123,9 +124,14 @@ class Metrics:
         self._limiters: Mapping[str, Limiter] = {}
         self._spans_failed_seen = 0
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._cache: ResponseCache | None = None
         self._genai(r)
         self._proxy(r)
         self._provider(r)
+        # Only where a route caches, so a proxy without a cache shows no cache.
+        self.caching = any(route.cache is not None for route in config.routes)
+        if self.caching:
+            self._cache_families(r)
         self._seed(config)
 
     def _genai(self, r: CollectorRegistry) -> None:
@@ -340,6 +346,37 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
 
+    def _cache_families(self, r: CollectorRegistry) -> None:
+        self.cache_requests = Counter(
+            "llmproxy_cache_requests",
+            "Requests on routes with a response cache: hit, miss or bypass.",
+            ["route", "result"],
+            registry=r,
+        )
+        self.cache_saved = Counter(
+            "llmproxy_cache_saved_usd",
+            "Dollars not spent: the price of the usage of each answer served "
+            "from the cache.",
+            ["route", "upstream", "model"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "llmproxy_cache_stored_bytes",
+            "Bytes held by the in-memory response cache (bodies and headers).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.cache_evictions = Counter(
+            "llmproxy_cache_evictions",
+            "Cached answers evicted to stay within cache.max_bytes.",
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "llmproxy_cache_backend_errors",
+            "Cache backend (Redis) commands that failed or timed out.",
+            registry=r,
+        )
+
     def _seed(self, config: Config) -> None:
         """Create the per-upstream series at zero, so rate() works from the start."""
         for name in config.upstreams:
@@ -349,6 +386,9 @@ class Metrics:
                 self.health_changed(name, "UP")
         for route in config.routes:
             self.usage_missing.labels(route.name, route.upstream)
+            if route.cache is not None:
+                for result in ("hit", "miss", "bypass"):
+                    self.cache_requests.labels(route.name, result)
 
     def _child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, cached: labels are bounded, lookups are not."""
@@ -382,6 +422,8 @@ class Metrics:
         self._child(self.duration, route, upstream, stream).observe(ex.duration)
         if ex.error_type:
             self._child(self.errors, route, upstream, ex.error_type).inc()
+        if ex.cache_result is not None and self.caching:
+            self._cached(ex, route, upstream, model)
         if not ex.attempts:
             return
 
@@ -409,6 +451,16 @@ class Metrics:
         self._usage(ex, route, upstream, model, genai, extra)
         for kind in anomalies(ex):
             self._child(self.anomalies, route, upstream, model, kind).inc()
+
+    def _cached(self, ex: Exchange, route: str, upstream: str, model: str) -> None:
+        """Count the cache's answer; a hit's usage was not bought: price it."""
+        self._child(self.cache_requests, route, ex.cache_result or "").inc()
+        entry = ex.cache_entry
+        if entry is None:
+            return
+        saved = self.prices.cost(entry.model, entry)
+        if saved:
+            self._child(self.cache_saved, route, upstream, model).inc(saved)
 
     def _attribution(self, ex: Exchange) -> tuple[str, ...]:
         if not self.extra:
@@ -516,12 +568,28 @@ class Metrics:
             self.inflight.labels(name).set_function(_reader(limiter, "inflight"))
             self.queued.labels(name).set_function(_reader(limiter, "queued"))
 
+    def track_cache(self, cache: ResponseCache) -> None:
+        """Read an in-memory cache's size at scrape time (with worker processes,
+        ``sync`` copies it once a second instead)."""
+        self._cache = cache
+        store = cache.store
+        if not self.multiprocess and store.stored_bytes is not None:
+            self.cache_bytes.set_function(lambda: float(store.stored_bytes or 0))
+
+    def cache_evicted(self, count: int) -> None:
+        self.cache_evictions.inc(count)
+
+    def cache_failed(self) -> None:
+        self.cache_errors.inc()
+
     def sync(self, tracer: Tracer | None) -> None:
         """Copy counts kept elsewhere into metrics; called once a second."""
         if self.multiprocess:
             for name, limiter in self._limiters.items():
                 self.inflight.labels(name).set(limiter.inflight)
                 self.queued.labels(name).set(limiter.queued)
+            if self._cache is not None and self._cache.store.stored_bytes is not None:
+                self.cache_bytes.set(self._cache.store.stored_bytes)
         if tracer is not None:
             failed = tracer.export_failed
             if failed > self._spans_failed_seen:

@@ -363,6 +363,8 @@ def _server_attributes(ex: Exchange) -> Attributes:
         attrs[http_attributes.HTTP_RESPONSE_STATUS_CODE] = ex.status
     if ex.error_type:
         attrs[error_attributes.ERROR_TYPE] = ex.error_type
+    if ex.cache_result:
+        attrs["llmproxy.cache"] = ex.cache_result
     return attrs
 
 
