@@ -84,19 +84,23 @@ def _other_tasks() -> set[asyncio.Task[object]]:
     return {t for t in asyncio.all_tasks() if t is not current and not t.done()}
 
 
-async def back_to(before: Snapshot, *, slack: int = 0, within: float = 5.0) -> None:
+async def back_to(
+    before: Snapshot, *, slack: int = 0, task_slack: int = 0, within: float = 5.0
+) -> None:
     """Wait until descriptors, sockets and tasks are back to ``before``.
 
-    ``slack`` allows that many more descriptors (a pooled keep-alive connection
-    that a scenario legitimately opened). Raises ``AssertionError`` naming what
-    is left over once ``within`` seconds have passed.
+    ``slack`` allows that many more descriptors and ``task_slack`` that many
+    more tasks (a pooled keep-alive connection that a scenario legitimately
+    opened to an in-process server: two sockets and that server's task).
+    Raises ``AssertionError`` naming what is left over once ``within`` seconds
+    have passed.
     """
     deadline = time.monotonic() + within
     while True:
         now = Snapshot.take()
         fds_ok = len(now.fds) <= len(before.fds) + slack
         sockets_ok = now.sockets <= before.sockets + slack
-        tasks_ok = len(now.tasks) <= len(before.tasks)
+        tasks_ok = len(now.tasks) <= len(before.tasks) + task_slack
         lingering = close_wait_sockets()
         if fds_ok and sockets_ok and tasks_ok and not lingering:
             return
