@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -301,7 +302,8 @@ class MemoryStore:
     def _expire_oldest(self) -> None:
         """Drop expired entries at the cold end, so they do not hold the budget."""
         now = self._clock()
-        for key, (_, expires) in list(self._entries.items())[:8]:
+        # A few at most: a full scan per store would cost as much as the cache.
+        for key, (_, expires) in list(islice(self._entries.items(), 8)):
             if expires <= now:
                 self._drop(key)
 

@@ -550,7 +550,7 @@ async def test_redis_going_away_costs_nothing_and_comes_back_socket(
         status, headers, _ = await post(url, chat())
         assert (status, headers["x-llmproxy-cache"]) == (200, "miss")
     assert len(chat_reply.received) == sent + 20
-    assert time.perf_counter() - started < 2.0
+    assert time.perf_counter() - started < 5.0
     samples = await scrape(running)
     # One failure for the lookup after the stop; none while backing off.
     assert total(samples, "llmproxy_cache_backend_errors_total") == 1
@@ -568,6 +568,8 @@ async def test_slow_redis_is_served_around_within_the_timeout_socket(
     running = await start_proxy(redis_config(chat_reply.url, redis_server))
     url = running.url + CHAT
     assert (await post(url, chat(seed=1)))[1]["x-llmproxy-cache"] == "miss"
+    store = running.proxy.cache.store  # type: ignore[union-attr]
+    await wait_for(lambda: not store._writes)
     redis_server.pause()  # accepts nothing, answers nothing
     try:
         started = time.perf_counter()
@@ -575,8 +577,11 @@ async def test_slow_redis_is_served_around_within_the_timeout_socket(
         elapsed = time.perf_counter() - started
         assert (status, headers["x-llmproxy-cache"]) == (200, "miss")
         assert elapsed < 0.5  # the 100ms timeout, not a hang
-        started = time.perf_counter()
-        await post(url, chat())  # backing off: Redis is not asked
-        assert time.perf_counter() - started < 0.1
+        assert not store.available
+        for _ in range(5):  # backing off: Redis is not asked, so no more timeouts
+            status, headers, _ = await post(url, chat())
+            assert (status, headers["x-llmproxy-cache"]) == (200, "miss")
+        samples = await scrape(running)
+        assert total(samples, "llmproxy_cache_backend_errors_total") == 1
     finally:
         redis_server.resume()
