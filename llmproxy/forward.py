@@ -185,7 +185,6 @@ class Forwarder:
         )
         timeouts = self.dispatcher.clients[ex.upstream or ""].upstream.timeouts
         watchdog = Watchdog(ex, resp, timeouts.idle, timeouts.total, ex.upstream or "")
-        await out.prepare(request)
 
         complete = False
         read = resp.content.readany
@@ -196,6 +195,7 @@ class Forwarder:
         # A copy for the cache, of cacheable answers only; stored after the end.
         keep = fill.add if fill is not None and resp.status == 200 else None
         try:
+            await out.prepare(request)
             while chunk := await read():
                 if strip is None:
                     await write(chunk)
@@ -234,7 +234,10 @@ class Forwarder:
             watchdog.cancel()
             tap.close(complete)
         if complete:
-            await out.write_eof()
+            try:
+                await out.write_eof()
+            except ConnectionError:
+                _client_went_away(ex)
         if complete and fill is not None and self.cache is not None:
             self.cache.keep(fill, ex)
         return out

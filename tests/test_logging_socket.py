@@ -23,6 +23,7 @@ def logging_writer() -> Any:
     assert log_module._writer is not None
     return log_module._writer
 
+
 SECRETS = {
     "Authorization": "Bearer sk-proj-SECRETabcdefghijklmnop1234",
     "x-api-key": "sk-ant-api03-SECRETqrstuvwxyz567890",
