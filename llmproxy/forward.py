@@ -287,13 +287,18 @@ def _error_response(ex: Exchange, exc: ProxyError) -> web.Response:
 
 
 def _attribution(ex: Exchange, headers: Mapping[str, str]) -> None:
-    """Tenant and prompt version as the client declared them, length-capped."""
-    tenant = headers.get("x-llmproxy-tenant")
-    if tenant:
-        ex.tenant = tenant[:_MAX_ATTRIBUTION]
-    version = headers.get("x-llmproxy-prompt-version")
-    if version:
-        ex.prompt_version = version[:_MAX_ATTRIBUTION]
+    """Tenant and prompt version as the client declared them, length-capped;
+    a value that is not printable text is dropped, as if it had not been sent."""
+    ex.tenant = _printable(headers.get("x-llmproxy-tenant"))
+    ex.prompt_version = _printable(headers.get("x-llmproxy-prompt-version"))
+
+
+def _printable(value: str | None) -> str | None:
+    # Bytes that are not UTF-8 arrive as lone surrogates, which no UTF-8 sink
+    # (the JSON log, the exposition, OTLP) can write; control characters would
+    # split log lines. A mangled copy could pose as another tenant, so none.
+    value = value[:_MAX_ATTRIBUTION] if value else None
+    return value if value and value.isprintable() else None
 
 
 def _client_went_away(ex: Exchange) -> None:

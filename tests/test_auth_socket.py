@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -59,6 +60,56 @@ async def test_requests_without_the_key_are_refused_socket(
     assert provider.received[-1].headers["Authorization"] == "Bearer sk-x"
     await running.settle()
     assert [e.error_type for e in running.exchanges].count("auth") == 5
+
+
+async def send_raw(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    try:
+        async with asyncio.timeout(2):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("header", ["x-llmproxy-key", "Authorization"])
+async def test_keys_that_are_not_text_are_refused_socket(
+    header: str,
+    provider: FakeProvider,
+    start_proxy: ProxyFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    raw = proxy_config(provider.url)
+    raw["server"]["auth"] = {"keys": [KEY, "cl\u00e9-0123456789abcdef"]}
+    if header == "Authorization":
+        raw["server"]["auth"]["header"] = header
+        for upstream in raw["upstreams"].values():
+            upstream["headers"] = {"Authorization": "Bearer sk-upstream"}
+    running = await start_proxy(raw)
+    provider.reply(Recording.load("openai/chat_completion"))
+    prefix = b"Bearer " if header == "Authorization" else b""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+
+    # obs-text reaches the handler as lone surrogates: a wrong key, not a crash.
+    for value in (b"\xff", KEY.encode() + b"\xff", b"\x80" + KEY.encode(), b"cl\xe9"):
+        line = b"%s: %s%s\r\n" % (header.encode(), prefix, value)
+        answer = await send_raw(
+            running.url, head + line + b"Content-Length: 2\r\n\r\n{}"
+        )
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:300]
+    # A key that is UTF-8 text matches byte for byte.
+    line = b"%s: %s%s\r\n" % (
+        header.encode(),
+        prefix,
+        "cl\u00e9-0123456789abcdef".encode(),
+    )
+    answer = await send_raw(running.url, head + line + b"Content-Length: 2\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert len(provider.received) == 1
+    assert not [r for r in caplog.records if r.exc_info]
+    await running.settle()
+    assert [e.error_type for e in running.exchanges] == ["auth"] * 4 + [None]
 
 
 async def test_bearer_mode_needs_upstream_credentials_socket(
