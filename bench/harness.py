@@ -118,6 +118,8 @@ class Bench:
             path = self.procs.logs / f"{target.name}.yaml"
             path.write_text(yaml.safe_dump(config))
             argv = [PYTHON, "-m", "llmproxy", "serve", "--config", str(path)]
+            if target.workers is not None:
+                argv += ["--workers", str(target.workers)]
             ready.insert(0, admin + "/readyz")
         pinned = [*Cores.pin(self.cores.target), *argv]
         process = self.procs.start(target.name, pinned, env)

@@ -28,6 +28,8 @@ class Target:
     collector: str | None = None
     # Names of the workloads it runs; None runs them all.
     workloads: tuple[str, ...] | None = None
+    # llmproxy serve --workers N (kind "llmproxy" only); None leaves the default.
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,20 @@ COLLECTOR_TARGETS = (
         "dead-collector", "llmproxy", collector="dead", workloads=COLLECTOR_WORKLOADS
     ),
 )
+# The workers scenario: llmproxy-full with one worker process, then two, nothing
+# pinned (the provider and the load generators float too), on the workloads that
+# a second core can speed up.
+WORKERS_WORKLOADS = ("nonstream_c16", "stream_c16")
+WORKERS_TARGETS = tuple(
+    Target(
+        f"workers-{n}",
+        "llmproxy",
+        collector="ok",
+        workloads=WORKERS_WORKLOADS,
+        workers=n,
+    )
+    for n in (1, 2)
+)
 # The dead-upstream scenario: a second route, /dead, to a port that refuses, with
 # a breaker; the healthy route's workloads run without, then with, a flood of
 # DEAD_ROUTE_CONNECTIONS connections on /dead.
@@ -104,7 +120,7 @@ def memory_workload(streams: int) -> Workload:
     )
 
 
-SCENARIOS = ("main", "collector", "dead-upstream", "memory")
+SCENARIOS = ("main", "collector", "dead-upstream", "memory", "workers")
 QUICK_SCENARIOS = ("main", "dead-upstream", "memory")
 
 

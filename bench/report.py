@@ -80,6 +80,16 @@ DEAD_UPSTREAM_ROWS = (
     Row("paced_c1", "gap p50 ms", ("gap_ms", "p50")),
 )
 
+WORKERS_BASE = "workers-1"
+WORKERS_ROWS = (
+    Row("nonstream_c16", "req/s", ("rate_per_s",)),
+    Row("nonstream_c16", "p50 ms", ("latency_ms", "p50")),
+    Row("nonstream_c16", "p99 ms", ("latency_ms", "p99")),
+    Row("stream_c16", "streams/s", ("rate_per_s",)),
+    Row("stream_c16", "TTFB p50 ms", ("ttfb_ms", "p50")),
+    Row("stream_c16", "total p99 ms", ("latency_ms", "p99")),
+)
+
 
 def figure(target: Result, workload: str, path: Sequence[str]) -> float | None:
     """One figure of one target, or None where it was not measured."""
@@ -209,6 +219,11 @@ def full_report(results: Result) -> str:
     if memory is not None:
         full = results.get("targets", {}).get(COLLECTOR_BASE, {})
         parts.append("## Memory\n\n" + memory_table(memory, full))
+    workers = results.get("workers")
+    if workers:
+        table = compare(workers, WORKERS_ROWS, WORKERS_BASE)
+        parts.append("## One worker process against two, unpinned\n\n" + _table(table))
+        parts.append("\n".join(_notes(workers)).strip())
     return "\n\n".join(part for part in parts if part)
 
 

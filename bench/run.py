@@ -129,6 +129,11 @@ def run_bench(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run_scenarios(bench, args, results)
     meta["loadavg_at_end"] = os.getloadavg()
     results["ratios"] = report.ratios(results["targets"])
+    if results.get("workers"):
+        workers = report.compare(
+            results["workers"], report.WORKERS_ROWS, report.WORKERS_BASE
+        )
+        results["workers_ratios"] = workers.ratios
     write_results(results, args.out or _default_out(args.quick))
     print(report.full_report(results))
     start, end = meta["loadavg_at_start"][0], meta["loadavg_at_end"][0]
@@ -153,6 +158,8 @@ def run_scenarios(
         results["dead_upstream"] = scenarios.dead_upstream(bench)
     if "memory" in args.scenarios:
         results["memory"] = scenarios.memory(bench, args.streams)
+    if "workers" in args.scenarios:
+        results["workers"] = scenarios.workers(bench)
 
 
 def _default_out(quick: bool) -> Path:

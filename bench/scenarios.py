@@ -1,12 +1,15 @@
-"""The scenarios beyond the main table: a dead upstream beside a healthy one, and
-memory with thousands of streams open at once."""
+"""The scenarios beyond the main table: a dead upstream beside a healthy one,
+memory with thousands of streams open at once, and one worker process against two."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from harness import Bench, Flood, Running, client_result, skipped
@@ -14,6 +17,7 @@ from plan import (
     DEAD_ROUTE_CONNECTIONS,
     DEAD_UPSTREAM,
     DEAD_UPSTREAM_WORKLOADS,
+    WORKERS_TARGETS,
     Target,
     memory_workload,
 )
@@ -135,3 +139,23 @@ def memory_brief(result: dict[str, Any]) -> str:
         f"{result['incomplete']} cut, peak in flight {result['peak_inflight']:.0f}, "
         f"peak RSS {peak:.0f} MiB, stream max {total.get('max', 0) / 1e3:.1f} s"
     )
+
+
+def workers(bench: Bench) -> dict[str, Any]:
+    """llmproxy-full with one worker process, then two, with nothing pinned: the
+    scheduler spreads the workers, the provider and the load generators over
+    every core, as it would in a container with no CPU pinning."""
+    free = dataclasses.replace(bench, cores=Cores(None, None, None))
+    with unpinned(bench.provider_pid):
+        return {target.name: free.target(target) for target in WORKERS_TARGETS}
+
+
+@contextlib.contextmanager
+def unpinned(pid: int) -> Iterator[None]:
+    """Let process ``pid`` run on every core for a while, then pin it back."""
+    pinned = os.sched_getaffinity(pid)
+    os.sched_setaffinity(pid, os.sched_getaffinity(0))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(pid, pinned)
