@@ -23,6 +23,15 @@ TOKEN_FIELDS = (
 )
 """(``gen_ai_token_type`` label value, ``Exchange`` attribute) pairs."""
 
+PARSE_ERROR_KINDS = (
+    "invalid_json",
+    "event_too_large",
+    "body_too_large",
+    "undecodable",
+    "unsupported_encoding",
+)
+"""Why a response could not be read: the ``kind`` label of parse-error counts."""
+
 
 class Attempt:
     """One try at an upstream: a CLIENT span, one observation in the GenAI metrics."""
@@ -57,6 +66,7 @@ class Exchange:
     """What one client request was, how long each phase took and how it ended."""
 
     __slots__ = (
+        "anomalies",
         "api",
         "arrivals",
         "attempts",
@@ -68,6 +78,7 @@ class Exchange:
         "cached_input_tokens",
         "capture",
         "client_disconnected",
+        "cost_usd",
         "ended",
         "error_message",
         "error_type",
@@ -75,14 +86,17 @@ class Exchange:
         "events",
         "fallback",
         "finish_reasons",
+        "held_chars",
         "input_tokens",
         "method",
         "operation",
+        "output_capped",
         "output_parts",
         "output_seen",
         "output_tokens",
         "parent_span_id",
         "parse_error",
+        "parse_error_kind",
         "path",
         "payload",
         "pending_usage",
@@ -165,6 +179,10 @@ class Exchange:
         self.capture = False
         self.output_parts: list[str] = []
         self.tool_args: dict[int, list[str]] = {}
+        # Characters held in those two; past a cap the rest is not kept, and the
+        # checks that need the whole text are skipped (``output_capped``).
+        self.held_chars = 0
+        self.output_capped = False
         self.output_seen = False
         self.refusal = False
         self.usage_injected = False
@@ -190,6 +208,11 @@ class Exchange:
         # The latest usage seen in a stream, parsed once when the stream ends.
         self.pending_usage: Any = None
         self.parse_error: str | None = None
+        self.parse_error_kind: str | None = None  # one of PARSE_ERROR_KINDS
+        # Set by the metrics sink, from the price table and the answer checks,
+        # for the sinks after it (the log line).
+        self.cost_usd: float | None = None
+        self.anomalies: list[str] = []
         self.client_disconnected = False
         self.attempts: list[Attempt] = []
         self.events = 0
@@ -220,6 +243,14 @@ class Exchange:
             self.error_type = error_type
             self.error_message = message
 
+    def parse_failed(self, kind: str, message: str) -> None:
+        """Note why the response could not be read; ``kind`` is in PARSE_ERROR_KINDS.
+
+        The latest reason wins: a later one is the one that stopped parsing.
+        """
+        self.parse_error = message
+        self.parse_error_kind = kind
+
     def as_log(self) -> dict[str, Any]:
         """The fields of the per-request log line; ``None`` values are left out."""
         fields: dict[str, Any] = {
@@ -241,6 +272,8 @@ class Exchange:
             "error_message": self.error_message,
             "finish_reasons": self.finish_reasons or None,
             "usage_source": self.usage_source,
+            "cost_usd": self.cost_usd,
+            "anomalies": self.anomalies or None,
             "cache": self.cache_result,
             "prompt_fingerprint": self.prompt_fingerprint,
             "prompt_version": self.prompt_version,
@@ -254,6 +287,7 @@ class Exchange:
             "last_byte_s": _round(self.since_start(self.t_last_byte)),
             "client_disconnected": self.client_disconnected or None,
             "parse_error": self.parse_error,
+            "output_capped": self.output_capped or None,
         }
         for label, attr in TOKEN_FIELDS:
             fields[f"{label}_tokens"] = getattr(self, attr)

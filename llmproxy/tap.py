@@ -64,7 +64,9 @@ class Tap:
             if coding in _WBITS:
                 self._decoder = zlib.decompressobj(_WBITS[coding])
             else:
-                ex.parse_error = f"unreadable content-encoding {coding!r}"
+                ex.parse_failed(
+                    "unsupported_encoding", f"unreadable content-encoding {coding!r}"
+                )
                 self._sse = None
                 self._body = None
 
@@ -86,15 +88,19 @@ class Tap:
                 for name, data in events:
                     ex.events += 1
                     on_event(ex, name, data)
-            elif sse.failed is not None:
-                self._ex.parse_error = f"SSE: {sse.failed}"
+            # Checked even when the chunk completed events: its tail may have
+            # started an event over the limit, and then the stream is not judged.
+            if sse.failed is not None:
+                self._ex.parse_failed("event_too_large", f"SSE: {sse.failed}")
                 self._sse = None
         elif self._body is not None:
             self._kept += len(chunk)
             if self._kept <= self._max:
                 self._body.append(chunk)
             else:
-                self._ex.parse_error = "response body larger than the parse limit"
+                self._ex.parse_failed(
+                    "body_too_large", "response body larger than the parse limit"
+                )
                 self._body = None
 
     def close(self, complete: bool) -> None:
@@ -127,13 +133,15 @@ class Tap:
             # into an unbounded copy (a decompression bomb costs only telemetry).
             out = decoder.decompress(chunk, self._max)
         except zlib.error:
-            self._ex.parse_error = "content-encoding does not decode"
+            self._ex.parse_failed("undecodable", "content-encoding does not decode")
             self._decoder = None
             self._sse = None
             self._body = None
             return b""
         if decoder.unconsumed_tail:
-            self._ex.parse_error = "decoded body larger than the parse limit"
+            self._ex.parse_failed(
+                "body_too_large", "decoded body larger than the parse limit"
+            )
             self._sse = None
             self._body = None
         return out

@@ -6,10 +6,13 @@ import gzip
 import random
 import zlib
 
+import orjson
 import pytest
 from conftest import FIXTURES, Recording, split_randomly
 
-from llmproxy.dialects import dialect_for
+from llmproxy.anomalies import anomalies
+from llmproxy.dialects import common, dialect_for
+from llmproxy.dialects.common import MAX_HELD_CHARS
 from llmproxy.exchange import Exchange
 from llmproxy.tap import Tap
 
@@ -340,3 +343,145 @@ def test_fixture_directory_present() -> None:
         )
         == (FIXTURES / "anthropic/messages_stream_tool_use.sse").read_bytes()
     )
+
+
+def test_event_over_limit_started_by_a_chunk_that_also_ends_one() -> None:
+    ex = Exchange("t", "POST", "/v1/chat/completions")
+    ex.operation, dialect = dialect_for("openai", "/v1/chat/completions")
+    tap = Tap(ex, dialect, "text/event-stream", "", max_bytes=1024)
+    first = (
+        b'data: {"id":"c","model":"m","choices":[{"index":0,'
+        b'"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+    )
+    tap.feed(first + b"data: " + b"x" * 5000)
+    tap.close(True)
+    assert ex.events == 1 and ex.t_first_token is not None
+    assert ex.parse_error == "SSE: event exceeds max_event_bytes"
+    assert ex.parse_error_kind == "event_too_large"
+    assert ex.error_type is None  # not stream_truncated: the stream was not judged
+
+
+@pytest.mark.parametrize(
+    ("content_type", "coding", "chunks", "kind"),
+    [
+        ("application/json", "", [b"{not json"], "invalid_json"),
+        ("text/event-stream", "", [b"data: {not json\n\n"], "invalid_json"),
+        ("application/json", "", [b"x" * 2048], "body_too_large"),
+        ("application/json", "gzip", [b"not gzip"], "undecodable"),
+        ("application/json", "br", [b"{}"], "unsupported_encoding"),
+    ],
+)
+def test_parse_failures_have_a_kind(
+    content_type: str, coding: str, chunks: list[bytes], kind: str
+) -> None:
+    ex = Exchange("t", "POST", "/v1/chat/completions")
+    ex.operation, dialect = dialect_for("openai", "/v1/chat/completions")
+    tap = Tap(ex, dialect, content_type, coding, max_bytes=1024)
+    for chunk in chunks:
+        tap.feed(chunk)
+    tap.close(True)
+    assert ex.parse_error_kind == kind and ex.parse_error is not None
+
+
+LEGACY_STREAM = b"".join(
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,'
+    b'"model":"gpt-3.5-turbo-instruct","choices":[{"text":"%s","index":0,'
+    b'"logprobs":null,"finish_reason":%s}]}\n\n' % (text, finish)
+    for text, finish in ((b"Hello", b"null"), (b" there", b"null"), (b"", b'"length"'))
+) + (
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,'
+    b'"model":"gpt-3.5-turbo-instruct","choices":[],"usage":{"prompt_tokens":4,'
+    b'"completion_tokens":2,"total_tokens":6}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_legacy_completions_stream(seed: int) -> None:
+    headers = Recording.load("vllm/chat_completions_stream").headers
+    rec = Recording("x", 200, headers, LEGACY_STREAM)
+    chunks = split_randomly(LEGACY_STREAM, random.Random(seed), [1, 13, 400][seed])
+    ex = run_tap(rec, "openai", "/v1/completions", chunks)
+    assert ex.operation == "text_completion"
+    assert (ex.input_tokens, ex.output_tokens) == (4, 2)
+    assert ex.finish_reasons == ["length"] and ex.terminal
+    assert ex.response_model == "gpt-3.5-turbo-instruct" and ex.output_seen
+    assert ex.error_type is None and ex.parse_error is None
+
+
+def test_legacy_completions_body() -> None:
+    body = (
+        b'{"id":"cmpl-2","object":"text_completion","created":1,'
+        b'"model":"gpt-3.5-turbo-instruct","choices":[{"text":"4","index":0,'
+        b'"logprobs":null,"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":7,"completion_tokens":1,"total_tokens":8}}'
+    )
+    rec = Recording("x", 200, Recording.load("openai/chat_completion").headers, body)
+    ex = run_tap(rec, "openai", "/v1/completions", [body])
+    assert (ex.input_tokens, ex.output_tokens) == (7, 1)
+    assert ex.finish_reasons == ["stop"] and ex.output_seen
+    assert ex.response_id == "cmpl-2" and ex.error_type is None
+
+
+def test_responses_error_event() -> None:
+    rec = Recording.load("openai/responses_stream")
+    created = rec.body.split(b"\n\n")[0] + b"\n\n"
+    assert created.startswith(b"event: response.created")
+    error = (
+        b'event: error\ndata: {"type":"error","code":"rate_limit_exceeded",'
+        b'"message":"Rate limit reached for gpt-4o-mini","param":null,'
+        b'"sequence_number":2}\n\n'
+    )
+    body = created + error
+    ex = run_tap(
+        Recording("x", 200, rec.headers, body), "openai", "/v1/responses", [body]
+    )
+    assert ex.error_type == "rate_limited" and ex.terminal
+    assert ex.error_message == "Rate limit reached for gpt-4o-mini"
+    assert ex.response_model == "gpt-4o-mini-2024-07-18"
+    assert ex.parse_error is None
+
+
+def delta_event(text: str) -> bytes:
+    obj = {
+        "id": "c",
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def test_held_answer_text_is_capped() -> None:
+    ex = Exchange("t", "POST", "/v1/chat/completions")
+    ex.operation, dialect = dialect_for("openai", "/v1/chat/completions")
+    ex.status, ex.wants_json, ex.capture = 200, True, True
+    tap = Tap(ex, dialect, "text/event-stream", "")
+    piece = "x" * 65536  # not JSON: judged whole, it would be invalid_json
+    for _ in range(MAX_HELD_CHARS // len(piece) + 8):
+        tap.feed(delta_event(piece))
+    tap.feed(b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
+    tap.feed(b"data: [DONE]\n\n")
+    tap.close(True)
+    assert ex.output_capped and ex.parse_error is None and ex.error_type is None
+    assert sum(len(p) for p in ex.output_parts) <= MAX_HELD_CHARS
+    assert ex.finish_reasons == ["stop"]
+    assert anomalies(ex) == []  # skipped, not reported as invalid
+    assert ex.as_log()["output_capped"] is True
+
+
+def test_held_tool_arguments_share_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "MAX_HELD_CHARS", 10)
+    ex = Exchange("t", "POST", "/v1/messages")
+    ex.operation, dialect = dialect_for("anthropic", "/v1/messages")
+    ex.status, ex.wants_tools, ex.capture = 200, True, True
+    for partial in ('{"city":', ' "Par', 'is"}'):
+        data = orjson.dumps(
+            {
+                "type": "content_block_delta",
+                "index": 1,
+                "delta": {"type": "input_json_delta", "partial_json": partial},
+            }
+        )
+        dialect.stream_event(ex, "content_block_delta", data)
+    assert ex.output_capped and "".join(ex.tool_args[1]) == '{"city":'
+    assert "invalid_tool_arguments" not in anomalies(ex)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..classify import classify_error, classify_status
 from ..exchange import Exchange
+from .common import hold as _hold
 from .common import loads as _loads
 from .common import message as _message
 
@@ -101,11 +102,11 @@ def _capture_delta(ex: Exchange, obj: Any) -> None:
         return
     delta, index = obj["delta"], obj.get("index", 0)
     if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
-        ex.output_parts.append(delta["text"])
+        _hold(ex, ex.output_parts, delta["text"])
     elif delta.get("type") == "input_json_delta" and isinstance(index, int):
         partial = delta.get("partial_json")
         if isinstance(partial, str):
-            ex.tool_args.setdefault(index, []).append(partial)
+            _hold(ex, ex.tool_args.setdefault(index, []), partial)
 
 
 def _block_output(ex: Exchange, block: Any) -> None:
@@ -115,7 +116,7 @@ def _block_output(ex: Exchange, block: Any) -> None:
     if block.get("type") == "text" and block.get("text"):
         ex.output_seen = True
         if ex.capture:
-            ex.output_parts.append(str(block["text"]))
+            _hold(ex, ex.output_parts, str(block["text"]))
     elif block.get("type") == "tool_use":
         ex.output_seen = True
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..classify import classify_error, classify_status
 from ..exchange import Exchange
+from .common import hold as _hold
 from .common import loads as _loads
 from .common import message as _message
 
@@ -170,7 +171,7 @@ def _capture_delta(ex: Exchange, choice: Any) -> None:
     delta = _delta(choice)
     text = delta.get("content", choice.get("text"))
     if isinstance(text, str):
-        ex.output_parts.append(text)
+        _hold(ex, ex.output_parts, text)
     if delta.get("refusal"):
         ex.refusal = True
     _capture_tool_calls(ex, delta.get("tool_calls"))
@@ -186,7 +187,7 @@ def _capture_tool_calls(ex: Exchange, calls: Any) -> None:
         function = call.get("function")
         args = function.get("arguments") if isinstance(function, dict) else None
         if isinstance(index, int) and isinstance(args, str):
-            ex.tool_args.setdefault(index, []).append(args)
+            _hold(ex, ex.tool_args.setdefault(index, []), args)
 
 
 def _message_output(ex: Exchange, choice: dict[str, Any]) -> None:
@@ -200,7 +201,7 @@ def _message_output(ex: Exchange, choice: dict[str, Any]) -> None:
         ex.refusal = True
     if ex.capture and choice.get("index", 0) == 0:
         if isinstance(text, str):
-            ex.output_parts.append(text)
+            _hold(ex, ex.output_parts, text)
         _capture_tool_calls(ex, calls)
 
 
@@ -258,7 +259,7 @@ def _response_item(ex: Exchange, item: dict[str, Any]) -> None:
     if item.get("type") == "function_call":
         ex.output_seen = True
         if ex.capture and isinstance(item.get("arguments"), str):
-            ex.tool_args[len(ex.tool_args)] = [item["arguments"]]
+            _hold(ex, ex.tool_args.setdefault(len(ex.tool_args), []), item["arguments"])
         return
     content = item.get("content")
     if item.get("type") != "message" or not isinstance(content, list):
@@ -271,7 +272,7 @@ def _response_item(ex: Exchange, item: dict[str, Any]) -> None:
         elif part.get("type") == "output_text" and part.get("text"):
             ex.output_seen = True
             if ex.capture:
-                ex.output_parts.append(str(part["text"]))
+                _hold(ex, ex.output_parts, str(part["text"]))
 
 
 def _int(value: Any) -> int | None:
