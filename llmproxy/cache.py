@@ -10,9 +10,11 @@ upstream rather than a fallback.
 
 The key is a hash of all that selects the answer: route, upstream, method, path
 and query, the body as canonical JSON, the headers that pick a response format,
-the content codings the client accepts, and the caller's credential scope (its
-credential headers and the upstream's configured ones), so one tenant never sees
-another's answers. None of it is stored in clear.
+the content codings the client accepts, and the caller's scope: every header
+that carries a credential or names an account (``headers.SECRET_HEADERS``), the
+declared tenant, the proxy key when inbound auth checks it, and the upstream's
+configured headers, so one tenant never sees another's answers. None of it is
+stored in clear.
 
 Stores: ``MemoryStore``, an LRU within a byte budget, or ``RedisStore`` (in
 ``cache_redis``) shared by replicas. A store never raises into a request: a
@@ -33,7 +35,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .headers import CREDENTIALS
+from .headers import SECRET_HEADERS
 from .injection import UsageStripper
 
 if TYPE_CHECKING:
@@ -50,6 +52,9 @@ _VARY = ("anthropic-version", "anthropic-beta", "openai-beta")
 _CODINGS = frozenset({"gzip", "x-gzip", "deflate"})
 _GENERATIVE = frozenset({"chat", "text_completion"})
 _ENTRY_OVERHEAD = 256  # bytes counted per entry beyond its body and headers
+# Who is asking. The default proxy key header counts only when inbound auth reads
+# it (then as ``auth_header``): otherwise it is never forwarded and names nobody.
+_SCOPE = (SECRET_HEADERS - {"x-llmproxy-key"}) | {"x-llmproxy-tenant"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +149,8 @@ class ResponseCache:
     def __init__(self, store: Store, auth_header: str | None = None) -> None:
         self.store = store
         # The proxy's own key identifies the caller when upstreams set theirs.
-        self._scope_headers = (
-            *sorted(CREDENTIALS),
-            *((auth_header,) if auth_header else ()),
-        )
+        scope = _SCOPE | {auth_header.lower()} if auth_header else _SCOPE
+        self._scope_headers = tuple(sorted(scope))
 
     async def lookup(
         self,

@@ -35,6 +35,7 @@ SECRET_HEADERS = CREDENTIALS | {
     "ocp-apim-subscription-key",
     "openai-organization",
     "openai-project",
+    "x-amz-security-token",  # an AWS session token, sent beside a SigV4 signature
     "x-llmproxy-key",
 }
 _MIN_SECRET = 8  # shorter fragments are not worth hiding, and would mangle text

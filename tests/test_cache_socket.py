@@ -31,6 +31,8 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmproxy.headers import SECRET_HEADERS
+
 CHAT = "/v1/chat/completions"
 STREAM = "openai/chat_completions_stream_include_usage"
 # gpt-3.5-turbo answers with 15 input and 31 output tokens in the recording.
@@ -310,6 +312,34 @@ async def test_proxy_key_scopes_entries_when_upstream_sets_credentials_socket(
     assert (await post(running.url + CHAT, chat(), a))[1]["x-llmproxy-cache"] == "miss"
     assert (await post(running.url + CHAT, chat(), b))[1]["x-llmproxy-cache"] == "miss"
     assert (await post(running.url + CHAT, chat(), a))[1]["x-llmproxy-cache"] == "hit"
+
+
+PROXY_KEYS = ["team-a-key-0123456789", "team-b-key-0123456789"]
+
+
+@pytest.mark.parametrize("header", sorted(SECRET_HEADERS | {"x-llmproxy-tenant"}))
+async def test_callers_differing_in_one_scope_header_never_share_socket(
+    header: str, provider: FakeProvider, start_proxy: ProxyFactory
+) -> None:
+    provider.reply(Recording.load("openai/chat_completion"))
+    raw = cached_config(provider.url)
+    raw["server"]["auth"] = {"keys": PROXY_KEYS}
+    running = await start_proxy(raw)
+    url, body = running.url + CHAT, chat()
+    same = {"x-llmproxy-key": PROXY_KEYS[0], "Authorization": "Bearer sk-same"}
+
+    async def result(value: str) -> str:
+        headers = same | {header: value}
+        return (await post(url, body, headers))[1]["x-llmproxy-cache"]
+
+    one, two = (
+        PROXY_KEYS if header == "x-llmproxy-key" else ("caller-one-0123", "caller-two")
+    )
+    assert await result(one) == "miss"
+    assert await result(two) == "miss"
+    assert await result(one) == "hit"
+    assert await result(two) == "hit"
+    assert len(provider.received) == 2
 
 
 async def test_entries_expire_after_their_ttl_socket(
