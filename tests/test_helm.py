@@ -188,7 +188,9 @@ def test_keys_reach_the_pod_from_an_existing_secret(helm: Any) -> None:
     objects = render(helm, {"apiKeys": {"existingSecret": "provider-keys"}})
     assert not [o for o in objects if o["kind"] == "Secret"]
     refs = {
-        v["name"]: v["valueFrom"]["secretKeyRef"] for v in container(objects)["env"]
+        v["name"]: v["valueFrom"]["secretKeyRef"]
+        for v in container(objects)["env"]
+        if "valueFrom" in v
     }
     assert refs == {
         "OPENAI_API_KEY": {
@@ -202,6 +204,23 @@ def test_keys_reach_the_pod_from_an_existing_secret(helm: Any) -> None:
             "optional": True,
         },
     }
+
+
+def test_worker_count_reaches_the_pod(helm: Any) -> None:
+    def workers(values: dict[str, Any]) -> list[str]:
+        env = container(render(helm, values))["env"]
+        return [v["value"] for v in env if v["name"] == "LLMPROXY_WORKERS"]
+
+    assert workers({}) == ["2"]
+    assert workers({"workers": 0}) == ["0"]
+
+
+def test_notes_tell_how_to_point_clients_at_the_proxy(helm: Any) -> None:
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render({}, name="edge", namespace="llm", is_install=True)
+    (notes,) = (text for path, text in manifests.items() if path.endswith("NOTES.txt"))
+    assert "OPENAI_BASE_URL=http://edge-llmproxy.llm.svc:" in notes, notes
+    assert "ANTHROPIC_BASE_URL=" in notes and "/anthropic" in notes, notes
 
 
 def test_created_secret_holds_the_keys(helm: Any) -> None:
@@ -431,6 +450,7 @@ BAD_VALUES = {
         "apiKeys": {"create": True, "openai": "sk", "existingSecret": "keys"}
     },
     "pdb as a fraction": {"podDisruptionBudget": {"maxUnavailable": 0.5}},
+    "negative workers": {"workers": -1},
 }
 
 
