@@ -31,12 +31,16 @@ async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
 
 
 def requests_total(text: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "llmproxy_requests_total":
-                total += sample.value
-    return total
+    return sum(value for _, value in samples(text, "llmproxy_requests_total"))
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
@@ -89,7 +93,18 @@ async def test_two_workers_share_a_port_and_one_metrics_socket(
         await asyncio.sleep(1.2)  # the recorders flush, the files are current
         async with aiohttp.ClientSession() as session:
             async with session.get(admin_url + "/metrics") as resp:
-                assert requests_total(await resp.text()) == 40
+                text = await resp.text()
+            async with session.get(admin_url + "/health") as resp:
+                health = await resp.json()
+        assert requests_total(text) == 40
+        # Health is worker 0's alone: one state set, not one per worker added up.
+        states = samples(text, "llmproxy_upstream_health")
+        assert sorted(v for labels, v in states if labels["upstream"] == "fake") == [
+            0.0,
+            0.0,
+            1.0,
+        ]
+        assert list(health["upstreams"]) == ["fake"]
 
         # A worker that dies is replaced; the port keeps serving meanwhile.
         os.kill(workers[1], signal.SIGKILL)
