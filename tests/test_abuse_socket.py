@@ -39,6 +39,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from llmproxy.app import Proxy
 from llmproxy.config import build_config
 from llmproxy.errors import ConfigError
+from llmproxy.headers import SECRET_HEADERS
 from llmproxy.telemetry.logging import setup_logging
 from llmproxy.telemetry.tracing import Tracer
 
@@ -545,6 +546,7 @@ SECRETS = {
     "OpenAI-Project": "proj_SECRET-0123456789",
     "Proxy-Authorization": "Basic SECRET-proxy-authorization",
     "Cookie": "session=SECRET-cookie-0123456789",
+    "X-Amz-Security-Token": "SECRET-amz-session-token-0123456789",
 }
 
 
@@ -596,6 +598,7 @@ async def test_credentials_never_reach_logs_spans_or_captures_socket(
     await proxy.start()
     port = port_of(proxy.proxy_url)
     headers = {**SECRETS, "x-llmproxy-key": PROXY_KEY}
+    assert {k.lower() for k in headers} == SECRET_HEADERS  # every one, no fewer
 
     async def echo_credentials(request: web.Request) -> web.StreamResponse:
         # A provider that quotes what it was sent in its error message.
@@ -666,6 +669,12 @@ async def test_credentials_never_reach_logs_spans_or_captures_socket(
     assert events.count("request.malformed") == 3
     spans: list[Any] = exporter.get_finished_spans()
     assert len(spans) >= 5
+    # Both answers on the capturing route were captured: the check below is real.
+    captured = [orjson.loads(line) for line in capture.read_bytes().splitlines()]
+    assert [(c["status"], '"hi"' in c["request"]) for c in captured] == [
+        (200, True),
+        (401, True),
+    ], captured
     everything = "\n".join(
         [
             logged,
