@@ -1,7 +1,8 @@
 """Map provider failures onto the closed vocabulary of error types.
 
-Sources, in the order they are trusted: the provider's own error type or code in
-the body or a stream's error event, then the HTTP status. OpenAI and Anthropic
+Sources, in the order they are trusted: the provider's own error code, then its
+error type, then hints in its message (context overflows), all from the body or
+a stream's error event; then the HTTP status. OpenAI and Anthropic
 name the same failures differently; both land on one vocabulary here.
 """
 
@@ -31,6 +32,7 @@ _BY_PROVIDER_TYPE = {
     "server_error": "upstream_5xx",
     "server_is_overloaded": "overloaded",
 }
+_GENERIC = ("upstream_4xx", "upstream_5xx")
 _CONTEXT_HINTS = (
     "context length",
     "context window",
@@ -44,7 +46,7 @@ def classify_status(status: int, error: Any = None) -> str | None:
     detail = classify_error(error) if error is not None else None
     if status < 400:
         return detail
-    if detail not in (None, "upstream_4xx", "upstream_5xx"):
+    if detail not in (None, *_GENERIC):
         return detail
     if status == 429:
         return "rate_limited"
@@ -64,10 +66,13 @@ def classify_error(error: Any) -> str:
     code = error.get("code")
     if isinstance(code, str) and code in _BY_PROVIDER_TYPE:
         return _BY_PROVIDER_TYPE[code]
+    kind = error.get("type")
+    by_type = _BY_PROVIDER_TYPE.get(kind) if isinstance(kind, str) else None
+    if by_type not in (None, *_GENERIC):
+        return by_type  # a specific type beats a hint: "too many tokens per minute"
+    # Context overflows often come as a generic invalid request (Anthropic, vLLM):
+    # only the message tells them apart.
     message = str(error.get("message") or "").lower()
     if any(hint in message for hint in _CONTEXT_HINTS):
         return "context_length"
-    kind = error.get("type")
-    if isinstance(kind, str) and kind in _BY_PROVIDER_TYPE:
-        return _BY_PROVIDER_TYPE[kind]
-    return "upstream_5xx"
+    return by_type or "upstream_5xx"

@@ -10,6 +10,7 @@ or is negative, is unknown (``None``), never zero.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -113,4 +114,5 @@ def _number(value: str | None) -> float | None:
         number = float(value)
     except ValueError:
         return None
-    return number if number >= 0 and number == number else None
+    # float() also reads "nan" and "inf": neither is a usable count or delay.
+    return number if number >= 0 and math.isfinite(number) else None
