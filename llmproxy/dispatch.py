@@ -32,7 +32,7 @@ from .exchange import Attempt, Exchange
 from .headers import upstream_request_headers
 from .injection import inject_usage
 from .limiter import Limiter
-from .retry import RetryBudget, retry_delay
+from .retry import RetryBudget, error_delay, retry_delay
 from .upstream import UpstreamClient
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ class Dispatcher:
             except ProxyError as exc:
                 limiter.release()
                 breaker.record(trial, exc.error_type, 0)
-                delay = retry_delay(settings, number, exc.error_type, 0, None)
+                delay = error_delay(settings, number, exc)
                 if delay is None or not budget.withdraw():
                     raise
                 await asyncio.sleep(delay)

@@ -10,6 +10,8 @@ Every failure the proxy reports, in metrics, spans, logs or a response, is one o
     ├── PayloadTooLargeError                413 payload_too_large
     ├── ClientTimeoutError (TimeoutError)   408 client_disconnect (request too slow)
     ├── UpstreamConnectError (ConnectionError)     502 connect_error
+    │   └── UpstreamDisconnectError         502 connect_error, after the request
+    │                                       went out; never retried
     ├── MalformedResponseError              502 malformed_response
     ├── CircuitOpenError                    503 circuit_open
     ├── QueueFullError                      503 queue_full
@@ -100,6 +102,13 @@ class ClientTimeoutError(ProxyError, TimeoutError):
 class UpstreamConnectError(ProxyError, ConnectionError):
     error_type = "connect_error"
     status = 502
+
+
+class UpstreamDisconnectError(UpstreamConnectError):
+    """The connection closed after the request went out, before any answer.
+
+    The provider may have processed the request, so it is never retried.
+    """
 
 
 class MalformedResponseError(ProxyError):

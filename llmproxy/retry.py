@@ -2,7 +2,10 @@
 
 A retry happens only before anything has been sent to the client, and only for
 failures that cannot have been processed (the connection was never made) or
-that the provider marks retryable (429, 503, 529, ``x-should-retry: true``).
+that the provider marks retryable (429, 503, 529, ``x-should-retry: true``). A
+connection that closes after the request went out (``UpstreamDisconnectError``)
+is never retried, though its type is ``connect_error`` too: the provider may
+have processed the request, and a second one would be billed again.
 Waits are jittered exponential backoff, or the provider's ``Retry-After`` when
 it is within ``max_retry_after`` (a longer one is not waited for: the response
 goes to the client). A retry budget per upstream keeps retries to a fraction
@@ -15,6 +18,7 @@ import random
 from collections.abc import Mapping
 
 from .config import Retries
+from .errors import ProxyError, UpstreamDisconnectError
 from .ratelimits import retry_after_seconds
 
 RETRYABLE_ERRORS = frozenset({"connect_error", "timeout_connect"})
@@ -40,6 +44,13 @@ class RetryBudget:
             self._tokens -= 1.0
             return True
         return False
+
+
+def error_delay(settings: Retries, attempt: int, exc: ProxyError) -> float | None:
+    """Seconds to wait before retrying after ``exc``, or ``None`` not to retry."""
+    if isinstance(exc, UpstreamDisconnectError):
+        return None
+    return retry_delay(settings, attempt, exc.error_type, 0, None)
 
 
 def retry_delay(

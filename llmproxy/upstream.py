@@ -1,8 +1,9 @@
 """The upstream client: one connection pool per configured upstream.
 
 ``UpstreamClient.send`` returns once the upstream's response headers are in, or
-raises a typed ``ProxyError``: ``UpstreamConnectError``,
-``UpstreamTimeoutError`` (phase ``connect`` or ``first_byte``) or
+raises a typed ``ProxyError``: ``UpstreamConnectError`` (no connection could be
+made), ``UpstreamDisconnectError`` (the connection closed after the request went
+out), ``UpstreamTimeoutError`` (phase ``connect`` or ``first_byte``) or
 ``MalformedResponseError``. The caller owns the returned response and must
 close or release it. ``Watchdog`` then enforces the idle and total deadlines on
 the body without a timer per chunk.
@@ -19,7 +20,12 @@ import aiohttp
 from multidict import CIMultiDict
 
 from .config import Upstream
-from .errors import MalformedResponseError, UpstreamConnectError, UpstreamTimeoutError
+from .errors import (
+    MalformedResponseError,
+    UpstreamConnectError,
+    UpstreamDisconnectError,
+    UpstreamTimeoutError,
+)
 from .exchange import Exchange
 
 
@@ -87,8 +93,12 @@ class UpstreamClient:
             raise MalformedResponseError(
                 f"the upstream sent an invalid response: {exc.message}", upstream=name
             ) from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise UpstreamConnectError(
+        except aiohttp.ClientConnectionError as exc:
+            # Anything else at the connection level (a reset, a close, a broken
+            # pipe) happened on a connection that was made: the request may be
+            # with the provider already. aiohttp drops a pooled connection whose
+            # close it has seen, and re-sends only idempotent methods itself.
+            raise UpstreamDisconnectError(
                 "the upstream closed the connection before responding", upstream=name
             ) from exc
 

@@ -10,7 +10,19 @@ import pytest
 from multidict import CIMultiDict
 
 from llmproxy.config import Retries
-from llmproxy.retry import BUDGET_CAP, BUDGET_RATIO, RetryBudget, retry_delay
+from llmproxy.errors import (
+    MalformedResponseError,
+    UpstreamConnectError,
+    UpstreamDisconnectError,
+    UpstreamTimeoutError,
+)
+from llmproxy.retry import (
+    BUDGET_CAP,
+    BUDGET_RATIO,
+    RetryBudget,
+    error_delay,
+    retry_delay,
+)
 
 SETTINGS = Retries(attempts=3, backoff=0.1, max_retry_after=5.0)
 
@@ -23,6 +35,18 @@ def headers(**values: str) -> CIMultiDict[str]:
 def test_connect_failures_are_retried_with_backoff(error_type: str) -> None:
     delay = retry_delay(SETTINGS, 1, error_type, 0, None)
     assert delay is not None and 0.05 <= delay <= 0.15
+
+
+def test_only_errors_before_the_request_went_out_are_retried() -> None:
+    never_connected = UpstreamConnectError("refused")
+    assert error_delay(SETTINGS, 1, never_connected) is not None
+    assert error_delay(SETTINGS, 1, UpstreamTimeoutError("connect", "slow")) is not None
+    # Same error type, but the provider may have processed the request.
+    gone = UpstreamDisconnectError("closed")
+    assert gone.error_type == "connect_error"
+    assert error_delay(SETTINGS, 1, gone) is None
+    assert error_delay(SETTINGS, 1, UpstreamTimeoutError("first_byte", "x")) is None
+    assert error_delay(SETTINGS, 1, MalformedResponseError("bad")) is None
 
 
 @pytest.mark.parametrize(
