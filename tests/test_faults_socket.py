@@ -407,8 +407,13 @@ async def test_informational_answers_then_the_real_one_socket(
 
     upstream.scripts = [early_hints]
     running = await start_proxy(config(upstream.url))
-    outcome = await request(running.url + "/v1/embeddings", b"{}")
-    assert (outcome.status, outcome.body, outcome.error) == (200, b"final", None)
+    before = Snapshot.take()
+    for _ in range(2):
+        outcome = await request(running.url + "/v1/embeddings", b"{}")
+        assert (outcome.status, outcome.body, outcome.error) == (200, b"final", None)
+    # The answer was whole and framed: its connection is reused, not leaked.
+    assert (upstream.requests, upstream.connections) == (2, 1)
+    await back_to(before, slack=2, task_slack=1)  # the pooled one remains
 
 
 async def test_a_body_framed_by_closing_the_connection_arrives_whole_socket(
@@ -423,10 +428,15 @@ async def test_a_body_framed_by_closing_the_connection_arrives_whole_socket(
 
     upstream.scripts = [until_close]
     running = await start_proxy(config(upstream.url))
-    outcome = await request(running.url + CHAT)
-    assert outcome.body == b"".join(EVENTS) and outcome.error is None
-    ex = await last_exchange(running)
-    assert ex.error_type is None and ex.terminal and ex.output_tokens == 5
+    before = Snapshot.take()
+    for round_ in range(1, 3):
+        outcome = await request(running.url + CHAT)
+        assert outcome.body == b"".join(EVENTS) and outcome.error is None
+        ex = await last_exchange(running, round_)
+        assert ex.error_type is None and ex.terminal and ex.output_tokens == 5
+    # The upstream hung up to end the body; the proxy's end is closed too.
+    assert upstream.connections == 2
+    await back_to(before)
 
 
 async def test_invalid_gzip_is_relayed_untouched_and_only_costs_telemetry_socket(
@@ -445,33 +455,49 @@ async def test_invalid_gzip_is_relayed_untouched_and_only_costs_telemetry_socket
 
     upstream.scripts = [bad_gzip]
     running = await start_proxy(config(upstream.url))
-    outcome = await request(running.url + CHAT)
-    assert (outcome.status, outcome.body, outcome.error) == (200, garbage, None)
-    ex = await last_exchange(running)
-    assert ex.parse_error == "content-encoding does not decode"
-    assert ex.error_type is None
+    before = Snapshot.take()
+    for round_ in range(1, 3):
+        outcome = await request(running.url + CHAT)
+        assert (outcome.status, outcome.body, outcome.error) == (200, garbage, None)
+        ex = await last_exchange(running, round_)
+        assert ex.parse_error == "content-encoding does not decode"
+        assert ex.error_type is None
+    assert upstream.connections == 2  # Connection: close, so never pooled
+    await back_to(before)
 
 
 # --- the client misbehaves -------------------------------------------------------
 
 
-async def test_a_slow_reader_holds_back_the_upstream_not_the_proxy_socket(
-    upstream: RawUpstream, start_proxy: ProxyFactory
-) -> None:
-    total = 128 * 1024 * 1024
-    sent = 0
+@dataclass
+class Firehose:
+    """An upstream answer of ``total`` bytes, written as fast as it is taken."""
 
-    async def firehose(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        nonlocal sent
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+    total: int = 128 * 1024 * 1024
+    sent: int = 0
+
+    async def __call__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.total)
         piece = b"x" * 65536
-        while sent < total:
+        while self.sent < self.total:
             w.write(piece)
-            sent += len(piece)
+            self.sent += len(piece)
             await w.drain()
 
-    upstream.scripts = [firehose]
-    running = await start_proxy(config(upstream.url))
+    async def stalled(self) -> None:
+        """Return once the upstream is held back: nothing more sent for 0.5s."""
+        await asyncio.sleep(0.5)
+        stalled_at = self.sent
+        await asyncio.sleep(0.5)
+        assert self.sent == stalled_at, "the proxy kept reading for a slow client"
+        # Within a bound set by socket buffers, not by how much the answer holds.
+        assert self.sent < 32 * 1024 * 1024, self.sent
+
+
+async def slow_client(
+    running: RunningProxy,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    """A client with a small receive buffer that sent its request and read once."""
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     client.setblocking(False)
@@ -480,26 +506,51 @@ async def test_a_slow_reader_holds_back_the_upstream_not_the_proxy_socket(
     writer.write(
         b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
     )
-    received = len(await reader.read(65536))
+    return reader, writer, len(await reader.read(65536))
 
-    # The client reads nothing more: the upstream is held back within a bound
-    # set by socket buffers, not by how much the answer holds.
-    await asyncio.sleep(0.5)
-    stalled_at = sent
-    await asyncio.sleep(0.5)
-    assert sent == stalled_at, "the proxy kept reading for a client that did not"
-    assert sent < 32 * 1024 * 1024, sent
+
+async def test_a_slow_reader_holds_back_the_upstream_not_the_proxy_socket(
+    upstream: RawUpstream, start_proxy: ProxyFactory
+) -> None:
+    firehose = Firehose()
+    upstream.scripts = [firehose]
+    running = await start_proxy(config(upstream.url))
+    before = Snapshot.take()
+    reader, writer, received = await slow_client(running)
+    await firehose.stalled()  # the client reads nothing more
 
     # And every byte still arrives once the client reads again.
     while piece := await reader.read(1 << 20):
         received += len(piece)
-        if received >= total:
+        if received >= firehose.total:
             break
     writer.close()
-    head = received - total
+    head = received - firehose.total
     assert 0 < head < 1024  # the response head, then exactly the body
     ex = await last_exchange(running)
-    assert ex.bytes_out == total and ex.error_type is None
+    assert ex.bytes_out == firehose.total and ex.error_type is None
+    assert upstream.hung_up == 0
+    await back_to(before, slack=2, task_slack=1)  # the pooled one remains
+
+
+async def test_a_stalled_slow_reader_that_leaves_closes_the_upstream_socket(
+    upstream: RawUpstream, start_proxy: ProxyFactory
+) -> None:
+    firehose = Firehose()
+    upstream.scripts = [firehose]
+    running = await start_proxy(config(upstream.url))
+    before = Snapshot.take()
+    for round_ in range(1, 3):
+        _, writer, _ = await slow_client(running)
+        await firehose.stalled()
+        writer.close()  # with unread bytes in its buffer: a reset
+        await upstream.wait_hung_up(round_)
+        ex = await last_exchange(running, round_)
+        assert ex.error_type == "client_disconnect" and ex.client_disconnected
+        assert ex.bytes_out < firehose.total
+        firehose.sent = 0
+    assert upstream.requests == 2
+    await back_to(before)
 
 
 async def disconnect_while_sending_the_body(url: str, port: int) -> None:
