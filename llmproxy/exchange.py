@@ -175,7 +175,8 @@ class Exchange:
         # The parsed request body, until the record is settled after the request.
         self.payload: dict[str, Any] | None = None
         # The answer's text and tool arguments are kept only when a check needs
-        # them: the request asked for JSON output or offered tools.
+        # them (the request asked for JSON output or offered tools) or the route
+        # captures answers.
         self.capture = False
         self.output_parts: list[str] = []
         self.tool_args: dict[int, list[str]] = {}

@@ -100,6 +100,9 @@ async def test_request_line_has_the_facts_and_no_credentials_socket(
     assert len(rec["prompt_fingerprint"]) == 12
     assert rec["upstream_request_id"] == "req_c367cf360ee88481fb7cd6c5d45bf9dc"
     assert rec["finish_reasons"] == ["stop"]
+    # gpt-4: $30 / $60 per million tokens, as in the metrics
+    assert rec["cost_usd"] == pytest.approx((12 * 30 + 5 * 60) / 1e6)
+    assert "anomalies" not in rec  # none found: left out like every empty field
 
     capture_text = (tmp_path / "capture.jsonl").read_text()
     everything = log_stream.getvalue() + capture_text
@@ -181,3 +184,21 @@ def test_capture_route_needs_a_path() -> None:
     with pytest.raises(ConfigError) as info:
         build_config(raw)
     assert info.value.problems == ["routes[0].capture: needs telemetry.capture_path"]
+
+
+async def test_request_line_has_anomalies_and_no_cost_when_unpriced_socket(
+    provider: FakeProvider, start_proxy: ProxyFactory, log_stream: io.StringIO
+) -> None:
+    running = await start_proxy(proxy_config(provider.url))
+    provider.reply(Recording.load("vllm/chat_completions_stream"))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            running.url + "/v1/chat/completions",
+            data=b'{"model":"facebook/opt-125m","stream":true}',
+        ) as r:
+            await r.read()
+    await running.settle()
+    logging_writer().flush()
+    [rec] = [r for r in lines(log_stream) if r["event"] == "request"]
+    assert rec["anomalies"] == ["truncated"] and rec["finish_reasons"] == ["length"]
+    assert "cost_usd" not in rec  # no price for the model: unknown, not $0

@@ -453,3 +453,125 @@ async def test_spans_dropped_when_the_export_queue_is_full_socket(
     # (2 taken by the stuck export, 2 waiting), so at least 2 were dropped.
     assert tracer.dropped >= 2
     assert f"llmproxy_spans_dropped_total {float(tracer.dropped)}" in text
+
+
+def completion(content: str | None, finish: str = "stop", **message: Any) -> bytes:
+    """A non-streamed chat completion with one choice."""
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "gpt-4o-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, **message},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+        }
+    )
+
+
+ANSWERS = {
+    "filtered": completion("partial", "content_filter"),
+    "refused": completion(None, refusal="I can't help with that."),
+    "empty": completion(""),
+    "not_json": completion("Sure! {not json"),
+    "bad_tool": completion(
+        None,
+        "tool_calls",
+        tool_calls=[
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "weather", "arguments": '{"city": "Par'},
+            }
+        ],
+    ),
+}
+
+
+async def test_anomaly_kinds_are_counted_socket(
+    provider: FakeProvider, metered: RunningProxy
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        asked = orjson.loads(await request.read())
+        body = ANSWERS[asked["messages"][0]["content"]]
+        return web.Response(body=body, content_type="application/json")
+
+    provider.handler = answer
+    json_format = {"response_format": {"type": "json_object"}}
+    tools = {"tools": [{"type": "function", "function": {"name": "weather"}}]}
+    extra = {"not_json": json_format, "bad_tool": tools}
+    async with aiohttp.ClientSession() as session:
+        for name in ANSWERS:
+            request = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": name}],
+                **extra.get(name, {}),
+            }
+            async with session.post(
+                metered.url + "/v1/chat/completions", data=orjson.dumps(request)
+            ) as r:
+                assert r.status == 200 and await r.read() == ANSWERS[name]
+
+    _, m = await scrape(metered)
+    counted = {
+        dict(ls)["kind"]: v
+        for (n, ls), v in m.items()
+        if n == "llmproxy_response_anomalies_total"
+    }
+    assert counted == {
+        "content_filter": 1,
+        "refusal": 1,
+        "empty": 1,
+        "invalid_json": 1,
+        "invalid_tool_arguments": 1,
+    }
+    assert [ex.anomalies for ex in metered.exchanges] == [
+        ["content_filter"],
+        ["refusal"],
+        ["empty"],
+        ["invalid_json"],
+        ["invalid_tool_arguments"],
+    ]
+
+
+STREAM_START = (
+    b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4",'
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":"a"},'
+    b'"finish_reason":null}]}\n\n'
+)
+
+
+async def test_parse_failures_are_counted_socket(
+    provider: FakeProvider, metered: RunningProxy
+) -> None:
+    huge = b'data: {"choices":[{"delta":{"content":"' + b"x" * (3 << 20) + b'"}}]}\n\n'
+    bodies = [
+        (b"{not json", "application/json"),
+        (STREAM_START + huge + b"data: [DONE]\n\n", "text/event-stream"),
+    ]
+
+    async def answer(request: web.Request) -> web.Response:
+        body, content_type = bodies[len(provider.received) - 1]
+        return web.Response(body=body, content_type=content_type)
+
+    provider.handler = answer
+    async with aiohttp.ClientSession() as session:
+        for body, _ in bodies:
+            async with session.post(
+                metered.url + "/v1/chat/completions", data=b'{"model":"gpt-4"}'
+            ) as r:
+                assert r.status == 200 and await r.read() == body  # passed through
+
+    _, m = await scrape(metered)
+    errors = "llmproxy_parse_errors_total"
+    assert value(m, errors, route="/v1", upstream="openai", kind="invalid_json") == 1
+    assert value(m, errors, route="/v1", kind="event_too_large") == 1
+    assert sum(v for (n, _), v in m.items() if n == errors) == 2
+    stream = metered.exchanges[-1]
+    assert stream.parse_error == "SSE: event exceeds max_event_bytes"
+    assert stream.error_type is None  # the unread stream is not called truncated

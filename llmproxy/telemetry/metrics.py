@@ -237,6 +237,13 @@ class Metrics:
             ["route", "upstream", "error_type"],
             registry=r,
         )
+        self.parse_errors = Counter(
+            "llmproxy_parse_errors",
+            "Responses the proxy could not read for telemetry (the client's bytes "
+            "were unaffected), by why.",
+            ["route", "upstream", "kind"],
+            registry=r,
+        )
         self.anomalies = Counter(
             "llmproxy_response_anomalies",
             "Answers that look wrong although the request succeeded.",
@@ -399,7 +406,11 @@ class Metrics:
         return child
 
     def observe(self, ex: Exchange) -> None:
-        """Record one finished exchange (a recorder sink)."""
+        """Record one finished exchange (a recorder sink).
+
+        It also writes the exchange's cost and anomaly kinds into the record, for
+        the sinks after it: the log line shows what the metrics counted.
+        """
         route = ex.route or ""
         upstream = ex.upstream or ""
         model = self.model(ex.request_model or ex.response_model)
@@ -422,6 +433,8 @@ class Metrics:
         self._child(self.duration, route, upstream, stream).observe(ex.duration)
         if ex.error_type:
             self._child(self.errors, route, upstream, ex.error_type).inc()
+        if ex.parse_error_kind:
+            self._child(self.parse_errors, route, upstream, ex.parse_error_kind).inc()
         if ex.cache_result is not None and self.caching:
             self._cached(ex, route, upstream, model)
         if not ex.attempts:
@@ -449,7 +462,8 @@ class Metrics:
                 ex.t_first_token - ex.started
             )
         self._usage(ex, route, upstream, model, genai, extra)
-        for kind in anomalies(ex):
+        ex.anomalies = anomalies(ex)
+        for kind in ex.anomalies:
             self._child(self.anomalies, route, upstream, model, kind).inc()
 
     def _cached(self, ex: Exchange, route: str, upstream: str, model: str) -> None:
@@ -539,6 +553,7 @@ class Metrics:
             self._child(self.unpriced, route, upstream, model).inc()
         else:
             self._child(self.cost, route, upstream, model, *extra).inc(cost)
+            ex.cost_usd = cost
 
     def _rate_limits(self, upstream: str, headers: Mapping[str, str]) -> None:
         # Gauges keep only the latest value and are scraped every few seconds:
