@@ -415,3 +415,13 @@ def test_reader_never_holds_more_than_its_bound(
             assert reader._buf == b""
             assert reader._data == []
     reader.close()
+
+
+def test_events_before_an_over_limit_line_are_returned_with_the_failure() -> None:
+    # The tap relies on this: a chunk may both end an event and start one over
+    # the limit, and it must check ``failed`` even when events came back.
+    reader = SSEReader(max_event_bytes=64)
+    events = reader.feed(b"data: ok\n\ndata: " + b"x" * 100)
+    assert events == [("message", b"ok")]
+    assert reader.failed == "event exceeds max_event_bytes"
+    assert reader.feed(b"\n\ndata: later\n\n") == [] and reader.close() == []
