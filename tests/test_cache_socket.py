@@ -482,6 +482,13 @@ class RedisServer:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
 
+    def kill(self) -> None:
+        """Die at once, paused or not: its connections are closed by the kernel."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(5)
+        self.process = None
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -615,3 +622,85 @@ async def test_slow_redis_is_served_around_within_the_timeout_socket(
         assert total(samples, "llmproxy_cache_backend_errors_total") == 1
     finally:
         redis_server.resume()
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """What reached the event loop's exception handler: an exception nobody awaited."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    yield errors
+    loop.set_exception_handler(old)
+
+
+async def test_redis_dying_during_a_lookup_serves_uncached_socket(
+    chat_reply: FakeProvider,
+    start_proxy: ProxyFactory,
+    redis_server: RedisServer,
+    loop_errors: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A timeout far above how long the test takes: an answer in time proves the
+    # failure was seen as such, not waited out.
+    running = await start_proxy(
+        redis_config(chat_reply.url, redis_server, timeout="3s")
+    )
+    store = running.proxy.cache.store  # type: ignore[union-attr]
+    url = running.url + CHAT
+    assert (await post(url, chat(seed=1)))[1]["x-llmproxy-cache"] == "miss"
+    await wait_for(lambda: not store._writes)  # a pooled connection to Redis
+
+    redis_server.pause()
+    lookup = asyncio.create_task(post(url, chat()))
+    await asyncio.sleep(0.3)
+    assert not lookup.done() and len(chat_reply.received) == 1  # still asking Redis
+    redis_server.kill()
+    started = time.perf_counter()
+    status, headers, _ = await lookup
+    assert (status, headers["x-llmproxy-cache"]) == (200, "miss")
+    assert time.perf_counter() - started < 1.0
+    assert len(chat_reply.received) == 2 and not store.available
+    samples = await scrape(running)
+    assert total(samples, "llmproxy_cache_backend_errors_total") == 1
+    assert loop_errors == [] and not [r for r in caplog.records if r.exc_info]
+
+
+async def test_redis_dying_during_the_write_after_a_miss_costs_nothing_socket(
+    chat_reply: FakeProvider,
+    start_proxy: ProxyFactory,
+    redis_server: RedisServer,
+    loop_errors: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = await start_proxy(
+        redis_config(chat_reply.url, redis_server, timeout="3s")
+    )
+    store = running.proxy.cache.store  # type: ignore[union-attr]
+    url = running.url + CHAT
+    recording = Recording.load("openai/chat_completion")
+
+    async def pause_then_answer(request: web.Request) -> web.StreamResponse:
+        # The lookup is done; the write that follows the answer will hang.
+        redis_server.pause()
+        return await chat_reply.write(request, recording, None, 0.0)
+
+    chat_reply.handler = pause_then_answer
+    status, headers, body = await post(url, chat())
+    assert (status, headers["x-llmproxy-cache"], body) == (200, "miss", recording.body)
+    await asyncio.sleep(0.2)
+    assert store._writes  # the write is waiting on Redis
+    redis_server.kill()
+    started = time.perf_counter()
+    await wait_for(lambda: not store._writes)
+    assert time.perf_counter() - started < 1.0
+    assert not store.available
+    samples = await scrape(running)
+    assert total(samples, "llmproxy_cache_backend_errors_total") == 1
+    # Backing off: the next request goes straight to the provider, uncached.
+    chat_reply.reply(recording)
+    status, headers, _ = await post(url, chat())
+    assert (status, headers["x-llmproxy-cache"]) == (200, "miss")
+    await running.proxy.stop()  # closing the store finds nothing left to wait for
+    assert loop_errors == [] and not [r for r in caplog.records if r.exc_info]
