@@ -67,6 +67,7 @@ async def _demo(port: int, admin_port: int, requests: int, exit_after: bool) -> 
         await asyncio.sleep(0.2)  # let the log thread write before the summary
         _summary(proxy, seen)
         if not exit_after:
+            print("Press Ctrl-C to stop.", file=sys.stderr)
             await _wait_for_signal()
     finally:
         await proxy.stop()
@@ -158,8 +159,7 @@ Where to look:
   logs         the JSON lines above: one per request
   try it       curl {proxy.proxy_url}/v1/chat/completions -H 'content-type: \
 application/json' -d '{{"model":"gpt-4o","stream":true,"messages":[{{"role":"user",\
-"content":"hi"}}]}}'
-Press Ctrl-C to stop.""",
+"content":"hi"}}]}}'""",
         file=sys.stderr,
     )
 
