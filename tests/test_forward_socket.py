@@ -14,6 +14,7 @@ import openai
 import pytest
 from aiohttp import web
 from conftest import FakeProvider, Recording, RunningProxy, split_randomly
+from test_tap import EXPECTED, usage
 
 
 def chat_stream() -> Recording:
@@ -236,3 +237,122 @@ async def test_client_vanishing_closes_upstream_and_is_recorded_socket(
     ex = proxy.exchanges[-1]
     assert ex.client_disconnected and ex.error_type == "client_disconnect"
     assert ex.response_model == "gpt-4-0613"
+
+
+@pytest.mark.parametrize(("name", "api", "path", "tokens", "finish", "model"), EXPECTED)
+async def test_every_recording_through_the_proxy_bytes_and_usage_socket(
+    provider: FakeProvider,
+    proxy: RunningProxy,
+    name: str,
+    api: str,
+    path: str,
+    tokens: tuple[int | None, ...],
+    finish: list[str],
+    model: str,
+) -> None:
+    """Each recording, split at random byte boundaries, reaches the client byte
+    for byte, and the proxy reads from it the usage the recording states."""
+    gz = name.endswith("_tool_use")
+    rec = Recording.load(name, name + ".sse.gz") if gz else Recording.load(name)
+    provider.reply(rec, chunks=split_randomly(rec.body, random.Random(name), 97))
+    prefix = "/anthropic" if api == "anthropic" else ""
+    headers = {"Accept-Encoding": "gzip"} if gz else {}
+    status, got, body, _ = await raw_post(proxy.url + prefix + path, headers=headers)
+    assert (status, body) == (rec.status, rec.body)
+    assert got.get("Content-Encoding") == rec.headers.get("Content-Encoding")
+
+    await proxy.settle()
+    ex = proxy.exchanges[-1]
+    assert ex.parse_error is None and ex.error_type is None
+    assert ex.response_model == model and ex.finish_reasons == finish
+    if tokens[0] is not None:
+        assert ex.usage_source == "provider"
+        assert usage(ex) == tokens
+
+
+async def test_provider_error_reaches_the_client_unchanged_socket(
+    provider: FakeProvider, proxy: RunningProxy
+) -> None:
+    rec = Recording.load("openai/error_404_model_not_found")
+    provider.reply(rec)
+    status, _, body, _ = await raw_post(proxy.url + "/v1/chat/completions")
+    assert (status, body) == (404, rec.body)
+    await proxy.settle()
+    assert proxy.exchanges[-1].error_type == "upstream_4xx"
+
+
+async def test_openai_sdk_unary_embeddings_and_responses_same_as_direct_socket(
+    provider: FakeProvider, proxy: RunningProxy
+) -> None:
+    async def chat(client: openai.AsyncOpenAI) -> str:
+        reply = await client.chat.completions.create(
+            model="gpt-3.5-turbo", messages=[{"role": "user", "content": "hi"}]
+        )
+        return reply.model_dump_json()
+
+    async def embeddings(client: openai.AsyncOpenAI) -> str:
+        reply = await client.embeddings.create(
+            model="text-embedding-3-small", input="hi"
+        )
+        return reply.model_dump_json()
+
+    async def responses(client: openai.AsyncOpenAI) -> list[str]:
+        stream = await client.responses.create(
+            model="gpt-4o-mini", input="hi", stream=True
+        )
+        return [event.model_dump_json() async for event in stream]
+
+    cases = [
+        ("openai/chat_completion", chat),
+        ("openai/embeddings.reformatted", embeddings),
+        ("openai/responses_stream", responses),
+    ]
+    for name, call in cases:
+        rec = Recording.load(name)
+        provider.reply(rec, chunks=split_randomly(rec.body, random.Random(2), 300))
+        direct = await call(
+            openai.AsyncOpenAI(base_url=provider.url + "/v1", api_key="k")
+        )
+        through = await call(
+            openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k")
+        )
+        assert through == direct, name
+        assert direct, name
+
+
+async def test_anthropic_sdk_every_event_and_unary_same_as_direct_socket(
+    provider: FakeProvider, proxy: RunningProxy
+) -> None:
+    async def events(client: anthropic.AsyncAnthropic) -> list[str]:
+        stream = await client.messages.create(
+            model="claude-sonnet-4-5",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+        )
+        return [event.model_dump_json() async for event in stream]
+
+    async def unary(client: anthropic.AsyncAnthropic) -> list[str]:
+        reply = await client.messages.create(
+            model="claude-3-opus-20240229",
+            max_tokens=256,
+            messages=[{"role": "user", "content": "hi"}],
+        )
+        return [reply.model_dump_json()]
+
+    cases = [
+        ("anthropic/messages_stream", events),
+        ("anthropic/messages_stream_thinking", events),
+        ("anthropic/message", unary),
+    ]
+    for name, call in cases:
+        rec = Recording.load(name)
+        provider.reply(rec, chunks=split_randomly(rec.body, random.Random(4), 300))
+        direct = await call(
+            anthropic.AsyncAnthropic(base_url=provider.url, api_key="k")
+        )
+        through = await call(
+            anthropic.AsyncAnthropic(base_url=proxy.url + "/anthropic", api_key="k")
+        )
+        assert through == direct, name
+        assert len(direct) >= 1, name
