@@ -43,6 +43,7 @@ from .headers import client_response_headers
 from .injection import UsageStripper
 from .routing import Router, upstream_path
 from .tap import Tap
+from .tracecontext import adopt_client_trace
 from .upstream import Watchdog
 
 if TYPE_CHECKING:
@@ -111,6 +112,8 @@ class Forwarder:
     ) -> web.StreamResponse:
         if self.tracer is not None:
             self.tracer.start(ex, request.headers)
+        elif "traceparent" in request.headers:
+            adopt_client_trace(ex, request.headers)
         if self.auth is not None:
             self.auth.check(request.headers)
         candidates = self.router.candidates(path)

@@ -482,12 +482,6 @@ async def test_attribution_that_is_not_text_is_dropped_socket(
     assert 'tenant=""' in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tracing._attribution copies the raw x-llmproxy-* headers, not the "
-    "values forward._attribution checked; the OTLP encoder then drops the "
-    "attribute and logs a traceback per span",
-)
 @pytest.mark.parametrize("value", NOT_TEXT.values(), ids=list(NOT_TEXT))
 async def test_span_attributes_of_attribution_that_is_not_text_socket(
     value: bytes, attributed: tuple[Proxy, InMemorySpanExporter]

@@ -202,3 +202,28 @@ async def test_request_line_has_anomalies_and_no_cost_when_unpriced_socket(
     [rec] = [r for r in lines(log_stream) if r["event"] == "request"]
     assert rec["anomalies"] == ["truncated"] and rec["finish_reasons"] == ["length"]
     assert "cost_usd" not in rec  # no price for the model: unknown, not $0
+
+
+async def test_client_trace_id_is_logged_without_tracing_socket(
+    provider: FakeProvider, start_proxy: ProxyFactory, log_stream: io.StringIO
+) -> None:
+    """With no exporter configured the proxy starts no trace of its own, but the
+    client's trace id still reaches the log line, and its traceparent reaches
+    the upstream untouched."""
+    running = await start_proxy(proxy_config(provider.url))
+    assert running.proxy.tracer is None
+    provider.reply(Recording.load("openai/chat_completion"))
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    sent = [f"00-{trace}-00f067aa0ba902b7-01", "00-not-a-trace-id-01", None]
+    async with aiohttp.ClientSession() as session:
+        for value in sent:
+            headers = {"traceparent": value} if value else {}
+            async with session.post(
+                running.url + "/v1/chat/completions", data=b"{}", headers=headers
+            ) as r:
+                await r.read()
+    await running.settle()
+    logging_writer().flush()
+    logged = [r.get("trace_id") for r in lines(log_stream) if r["event"] == "request"]
+    assert logged == [trace, None, None]
+    assert [r.headers.get("traceparent") for r in provider.received] == sent

@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from llmproxy.errors import ConfigError
 from llmproxy.exchange import Attempt, Exchange
+from llmproxy.forward import _attribution
 from llmproxy.telemetry.tracing import Tracer
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -62,6 +63,8 @@ def chat_exchange(request_headers: CIMultiDictProxy[str] | None = None) -> Excha
     """A finished streamed chat exchange with one successful attempt."""
     ex = Exchange("req-1", "POST", "/v1/chat/completions")
     ex.request_headers = request_headers
+    # Tenant and prompt version as the request boundary checked them.
+    _attribution(ex, request_headers or {})
     ex.route, ex.upstream, ex.provider, ex.api = "/v1", "openai", "openai", "openai"
     ex.operation, ex.request_model, ex.response_model = "chat", "gpt-4", "gpt-4-0613"
     ex.response_id, ex.stream, ex.status = "chatcmpl-1", True, 200

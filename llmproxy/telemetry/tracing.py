@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from random import getrandbits
@@ -42,26 +41,14 @@ from opentelemetry.util.types import AttributeValue
 from .. import __version__
 from ..errors import ConfigError
 from ..exchange import Attempt, Exchange
+from ..tracecontext import header_values as _header_values
+from ..tracecontext import traceparent as _traceparent
 
 log = logging.getLogger(__name__)
 
 _SAMPLED = 0x01
-# W3C Trace Context level 2 defines 0x02 ("random trace id"); both known flags are
-# kept as the client sent them, undefined bits are not vouched for upstream.
-_KNOWN_FLAGS = 0x03
-# version-traceid-parentid-flags, lowercase hex only; a later version may append
-# fields after a dash (W3C Trace Context, "Versioning of traceparent").
-_TRACEPARENT = re.compile(
-    r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?"
-)
 _MAX_ATTRIBUTE = 128
 _MAX_PATH = 1024
-# Contexts of requests still running; only ever this large if sink() is not wired.
-# The only request headers that reach a span; credentials never do.
-_ATTRIBUTION_HEADERS = (
-    ("x-llmproxy-tenant", "llmproxy.tenant"),
-    ("x-llmproxy-prompt-version", "llmproxy.prompt.version"),
-)
 _SCOPE = InstrumentationScope("llmproxy", __version__)
 _ERROR = Status(StatusCode.ERROR)
 _UNSET = Status(StatusCode.UNSET)
@@ -312,41 +299,16 @@ class _CountingExporter(SpanExporter):
         return self.inner.force_flush(timeout_millis)
 
 
-def _traceparent(headers: Mapping[str, str]) -> tuple[int, int, int] | None:
-    """(trace id, parent span id, flags) from a valid ``traceparent``, else None."""
-    values = _header_values(headers, "traceparent")
-    if len(values) != 1:  # a duplicated traceparent is invalid
-        return None
-    m = _TRACEPARENT.fullmatch(values[0])
-    if m is None:
-        return None
-    version, trace, parent, flags, rest = m.groups()
-    if version == "ff" or (version == "00" and rest is not None):
-        return None
-    trace_id, parent_id = int(trace, 16), int(parent, 16)
-    if not trace_id or not parent_id:
-        return None
-    return trace_id, parent_id, int(flags, 16) & _KNOWN_FLAGS
-
-
-def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
-    value = headers.get(name)
-    if value is None:
-        return []
-    getall = getattr(headers, "getall", None)  # a multidict keeps repeated headers
-    return [value] if getall is None else list(getall(name))
-
-
 def _attribution(ex: Exchange) -> Attributes:
     attrs: Attributes = {}
     if ex.prompt_fingerprint:
         attrs["llmproxy.prompt.fingerprint"] = ex.prompt_fingerprint
-    headers = ex.request_headers
-    if headers:
-        for header, key in _ATTRIBUTION_HEADERS:
-            value = headers.get(header)
-            if value:
-                attrs[key] = value[:_MAX_ATTRIBUTE]
+    # The values the proxy checked at the boundary, never the raw headers: the
+    # only request headers that reach a span, and credentials never do.
+    if ex.tenant:
+        attrs["llmproxy.tenant"] = ex.tenant[:_MAX_ATTRIBUTE]
+    if ex.prompt_version:
+        attrs["llmproxy.prompt.version"] = ex.prompt_version[:_MAX_ATTRIBUTE]
     return attrs
 
 
