@@ -72,6 +72,8 @@ class Breaker:
         self._failures: deque[float] = deque()
         self._trials = 0
         self._reported = STATE_CLOSED
+        # When it last opened (monotonic): health ages a half-open state by it.
+        self.opened_at: float | None = None
         self._on_change = on_change
         self._timer: asyncio.TimerHandle | None = None
 
@@ -153,6 +155,7 @@ class Breaker:
         if self._on_change is not None:
             self._on_change(self.upstream, state)
         if state == STATE_OPEN:
+            self.opened_at = time.monotonic()
             self._schedule_half_open()
 
     def _schedule_half_open(self) -> None:

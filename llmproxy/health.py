@@ -3,7 +3,8 @@
 Each upstream is ``UP``, ``DEGRADED`` or ``DOWN``, from two kinds of signal:
 
 - active: a probe on its own schedule (with jitter, never on the request path;
-  a hung probe is cut by its timeout and never delays the next one). By
+  each probe runs in its own task, so a hung one never delays the next, and is
+  cut by its timeout). By
   default ``GET /v1/models``, which both dialects serve and neither bills. Any
   HTTP answer below 500, even 401 from a probe without credentials, shows the
   provider is reachable. An optional streaming probe (``stream_model``) measures
@@ -13,20 +14,23 @@ Each upstream is ``UP``, ``DEGRADED`` or ``DOWN``, from two kinds of signal:
   breaker's state and the provider's rate-limit headroom.
 
 ``DOWN``: the breaker is open, or the last probe failed. ``DEGRADED``: the
-breaker is half-open, the probe was slower than ``degraded_latency``, recent
-traffic failed more than ``error_ratio``, or rate-limit headroom is under
-``min_headroom``. Signals older than ``window`` age out, so an idle upstream is
-not held down by an old failure.
+breaker is half-open after opening within ``window``, the probe was slower than
+``degraded_latency``, the last streaming probe failed, recent traffic failed
+more than ``error_ratio``, or rate-limit headroom is under ``min_headroom``.
+Signals older than ``window`` age out, so an idle upstream is not held down by
+an old failure: a breaker that opened longer ago than that and waits, half-open,
+for a request to try is shown in the report but no longer degrades the status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import aiohttp
@@ -106,18 +110,10 @@ class UpstreamHealth:
         state = self.breaker.state
         if state == "open":
             down.append("circuit breaker open")
-        elif state == "half_open":
+        elif state == "half_open" and self._recent(self.breaker.opened_at, now):
             degraded.append("circuit breaker half-open")
 
-        probe = self.probe
-        if probe is not None and now - probe["monotonic"] <= settings.window:
-            if not probe["ok"]:
-                down.append(f"probe failed: {probe['error']}")
-            elif probe["latency_s"] > settings.degraded_latency:
-                degraded.append(
-                    f"probe took {probe['latency_s']:.2f}s "
-                    f"(over {settings.degraded_latency:g}s)"
-                )
+        self._probe_signals(now, down, degraded)
 
         ratio, count = self.fault_ratio(now)
         if count >= _MIN_SAMPLES and ratio > settings.error_ratio:
@@ -131,6 +127,26 @@ class UpstreamHealth:
         if down:
             return DOWN, down + degraded
         return (DEGRADED, degraded) if degraded else (UP, [])
+
+    def _probe_signals(self, now: float, down: list[str], degraded: list[str]) -> None:
+        """Reasons from the probes' last results, while they are current."""
+        latency = self.upstream.health.degraded_latency
+        probe = self.probe
+        if probe is not None and self._recent(probe["monotonic"], now):
+            if not probe["ok"]:
+                down.append(f"probe failed: {probe['error']}")
+            elif probe["latency_s"] > latency:
+                degraded.append(
+                    f"probe took {probe['latency_s']:.2f}s (over {latency:g}s)"
+                )
+        # A failed one-token completion with the provider reachable is a model,
+        # quota or capacity problem: degraded, not down.
+        stream = self.stream_probe
+        if stream and not stream["ok"] and self._recent(stream["monotonic"], now):
+            degraded.append(f"stream probe failed: {stream['error']}")
+
+    def _recent(self, at: float | None, now: float) -> bool:
+        return at is not None and now - at <= self.upstream.health.window
 
     def fault_ratio(self, now: float) -> tuple[float, int]:
         """Recent fault ratio and request count, within the window."""
@@ -192,6 +208,7 @@ class HealthMonitor:
         self._on_change = on_change
         self._on_probe = on_probe
         self._tasks: list[asyncio.Task[None]] = []
+        self._probes: set[asyncio.Task[None]] = set()  # probes in flight
         self._session: aiohttp.ClientSession | None = None
 
     def observe(self, ex: Exchange) -> None:
@@ -236,15 +253,22 @@ class HealthMonitor:
         )
         self._tasks.append(asyncio.create_task(self._evaluate()))
         for health in self.upstreams.values():
+            settings = health.upstream.health
             if _probe_path(health.upstream):
-                self._tasks.append(asyncio.create_task(self._schedule(health)))
-            if health.upstream.health.stream_model:
-                self._tasks.append(asyncio.create_task(self._stream_schedule(health)))
+                run = functools.partial(self.probe, health)
+                self._tasks.append(
+                    asyncio.create_task(self._every(settings.interval, run))
+                )
+            if settings.stream_model:
+                run = functools.partial(self.probe_stream, health)
+                every = self._every(settings.stream_interval, run)
+                self._tasks.append(asyncio.create_task(every))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._probes]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         if self._session is not None:
             await self._session.close()
@@ -258,23 +282,28 @@ class HealthMonitor:
             for health in self.upstreams.values():
                 self.refresh(health)
 
-    async def _schedule(self, health: UpstreamHealth) -> None:
-        settings = health.upstream.health
-        await asyncio.sleep(random.uniform(0, min(settings.interval, 1.0)))
+    async def _every(
+        self, interval: float, run: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Start ``run`` every ``interval`` (with 10% jitter), each in its own task.
+
+        A probe never waits for the one before: with a timeout longer than the
+        interval, a hung provider has a few probes in flight, each cut by its
+        timeout, and a recovered one is seen at the next tick.
+        """
+        await asyncio.sleep(random.uniform(0, min(interval, 1.0)))
         while True:
-            started = time.monotonic()
-            # Each probe is bounded by its timeout, so a hung one ends in time
-            # for the next; the schedule is kept from the probe's start.
-            await self.probe(health)
-            elapsed = time.monotonic() - started
-            jitter = random.uniform(0.9, 1.1)
-            await asyncio.sleep(max(settings.interval * jitter - elapsed, 0.05))
+            task = asyncio.create_task(run())
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
 
     async def probe(self, health: UpstreamHealth) -> None:
         """One probe of one upstream; records the result, never raises."""
         upstream = health.upstream
         assert self._session is not None
         url = upstream.url + _probe_path(upstream)
+        begun = time.monotonic()
         started = time.perf_counter()
         ok, error, status = True, None, 0
         try:
@@ -289,7 +318,7 @@ class HealthMonitor:
         except aiohttp.ClientError as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"[:200]
         latency = time.perf_counter() - started
-        health.probe = {
+        result = {
             "ok": ok,
             "status": status,
             "latency_s": round(latency, 4),
@@ -297,29 +326,35 @@ class HealthMonitor:
             "at": time.time(),
             "monotonic": time.monotonic(),
         }
-        if not ok:
+        if _newer(health.probe, begun):
+            health.probe = {**result, "begun": begun}
+        self._probed(health, "models", result)
+
+    async def probe_stream(self, health: UpstreamHealth) -> None:
+        """One streaming probe of one upstream; records the result, never raises."""
+        from .probe import stream_probe  # aiohttp-sse-client only where it is used
+
+        assert self._session is not None
+        begun = time.monotonic()
+        result = await stream_probe(self._session, health.upstream)
+        if _newer(health.stream_probe, begun):
+            health.stream_probe = {**result, "begun": begun}
+        self._probed(health, "stream", result)
+
+    def _probed(
+        self, health: UpstreamHealth, kind: str, result: dict[str, Any]
+    ) -> None:
+        if not result["ok"]:
             health.last_error = {
-                "error_type": "probe",
-                "error": error,
-                "at": time.time(),
+                "error_type": "probe" if kind == "models" else "stream_probe",
+                "error": result["error"],
+                "at": result["at"],
             }
         if self._on_probe is not None:
-            self._on_probe(upstream.name, "models", latency, ok)
+            self._on_probe(
+                health.upstream.name, kind, result["latency_s"], result["ok"]
+            )
         self.refresh(health)
-
-    async def _stream_schedule(self, health: UpstreamHealth) -> None:
-        from .probe import stream_probe
-
-        settings = health.upstream.health
-        assert self._session is not None
-        while True:
-            result = await stream_probe(self._session, health.upstream)
-            health.stream_probe = result
-            if self._on_probe is not None:
-                self._on_probe(
-                    health.upstream.name, "stream", result["latency_s"], result["ok"]
-                )
-            await asyncio.sleep(settings.stream_interval * random.uniform(0.9, 1.1))
 
 
 def _probe_path(upstream: Upstream) -> str:
@@ -327,7 +362,12 @@ def _probe_path(upstream: Upstream) -> str:
     return "/v1/models" if path is None else path
 
 
+def _newer(current: dict[str, Any] | None, begun: float) -> bool:
+    """Whether a probe begun at ``begun`` is the latest: an overtaken one is not."""
+    return current is None or current["begun"] <= begun
+
+
 def _public(probe: dict[str, Any] | None) -> dict[str, Any] | None:
     if probe is None:
         return None
-    return {k: v for k, v in probe.items() if k != "monotonic"}
+    return {k: v for k, v in probe.items() if k not in ("monotonic", "begun")}
