@@ -129,3 +129,53 @@ def _value(value: AnyValue) -> Any:
     if kind == "kvlist_value":
         return _attributes(value.kvlist_value.values)
     return None if kind is None else getattr(value, kind)
+
+
+@dataclass
+class GrpcOtlpReceiver:
+    """The same receiver speaking OTLP/gRPC (the TraceService Export call)."""
+
+    url: str = ""
+    spans: list[ReceivedSpan] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _server: Any = None
+
+    async def start(self) -> None:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+            async def Export(
+                self, request: ExportTraceServiceRequest, context: Any
+            ) -> ExportTraceServiceResponse:
+                receiver.receive(request)
+                return ExportTraceServiceResponse()
+
+        self._server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+            Service(), self._server
+        )
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(0.5)
+
+    def receive(self, message: ExportTraceServiceRequest) -> None:
+        for resource_spans in message.resource_spans:
+            resource = _attributes(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append(_span(span, resource, scope_spans.scope.name))
+        self.arrived.set()
+
+    async def wait_for(self, count: int, within: float = 5.0) -> list[ReceivedSpan]:
+        async with asyncio.timeout(within):
+            while len(self.spans) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.spans

@@ -16,7 +16,7 @@ from opentelemetry.semconv.attributes import (
     server_attributes,
     url_attributes,
 )
-from otlp_receiver import OtlpReceiver
+from otlp_receiver import GrpcOtlpReceiver, OtlpReceiver
 
 from llmproxy.app import Proxy
 from llmproxy.config import build_config
@@ -37,6 +37,7 @@ _OTEL_VARS = (
 )
 
 StartProxy = Callable[[Tracer | None], Awaitable[Proxy]]
+TracingEnv = Callable[..., Tracer]
 
 
 @pytest.fixture
@@ -48,12 +49,14 @@ async def receiver() -> AsyncIterator[OtlpReceiver]:
 
 
 @pytest.fixture
-def tracing_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Tracer]:
+def tracing_env(monkeypatch: pytest.MonkeyPatch) -> TracingEnv:
     """Point the standard variables at ``endpoint``; return ``Tracer.from_env()``."""
 
-    def configure(endpoint: str) -> Tracer:
+    def configure(endpoint: str, protocol: str | None = None) -> Tracer:
         for name in _OTEL_VARS:
             monkeypatch.delenv(name, raising=False)
+        if protocol is not None:
+            monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "5")
         monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
@@ -179,3 +182,33 @@ async def test_sick_collector_never_slows_a_request_socket(
     elapsed = await post_many(url, 20)
 
     assert elapsed < baseline + 1.5
+
+
+async def test_spans_reach_a_grpc_collector_socket(
+    provider: FakeProvider,
+    tracing_env: TracingEnv,
+    start_traced: StartProxy,
+) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc exports over OTLP/gRPC, for real."""
+    receiver = GrpcOtlpReceiver()
+    await receiver.start()
+    try:
+        tracer = tracing_env(receiver.url, "grpc")
+        provider.reply(Recording.load("openai/chat_completion"))
+        proxy = await start_traced(tracer)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                proxy.proxy_url + "/v1/chat/completions",
+                data=b'{"model":"gpt-3.5-turbo"}',
+                headers={"traceparent": f"00-{TRACE}-{PARENT}-01"},
+            ) as resp:
+                assert resp.status == 200
+                await resp.read()
+        spans = await receiver.wait_for(2)
+        kinds = sorted(s.kind for s in spans)
+        assert kinds == ["SPAN_KIND_CLIENT", "SPAN_KIND_SERVER"]
+        assert {s.trace_id for s in spans} == {TRACE}
+        (client,) = [s for s in spans if s.kind == "SPAN_KIND_CLIENT"]
+        assert client.attributes[gen_ai.GEN_AI_REQUEST_MODEL] == "gpt-3.5-turbo"
+    finally:
+        await receiver.stop()
