@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -20,6 +21,8 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+# Objects allocated before the young generation is collected (CPython: 700).
+_GC_YOUNG = 20_000
 
 _EPILOG = """\
 environment:
@@ -187,6 +190,19 @@ def _raise_file_limit() -> None:
         pass
 
 
+def _tune_gc() -> None:
+    """Collect garbage less often once serving.
+
+    Each request allocates a few hundred short-lived objects and almost none in
+    reference cycles, so the default young-generation threshold (700) ran a
+    collection every couple of requests, about a tenth of the CPU under load.
+    What start-up allocated (modules, configuration) is frozen out of every
+    later collection.
+    """
+    gc.freeze()
+    gc.set_threshold(_GC_YOUNG, 20, 50)
+
+
 async def _serve(config: Config, worker: int | None = None) -> int:
     from .app import Proxy
     from .telemetry.tracing import Tracer
@@ -209,6 +225,7 @@ async def _serve(config: Config, worker: int | None = None) -> int:
         log.error("proxy.bind_failed", extra={"fields": {"error": str(exc)}})
         print(f"llmproxy: cannot listen: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    _tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
