@@ -254,6 +254,14 @@ async def _read_body(request: web.BaseRequest, limit: int, within: float) -> byt
         raise PayloadTooLargeError(f"request body of {length} bytes exceeds {limit}")
     if length == 0 or (length is None and not request.body_exists):
         return b""
+    content = request.content
+    if content.is_eof():
+        # The usual case for a small body: it came with the headers, so there is
+        # nothing to wait for and no deadline to arm.
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+        return body
     chunks: list[bytes] = []
     size = 0
     try:
