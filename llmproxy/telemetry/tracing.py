@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from ..exchange import Attempt, Exchange
 from ..tracecontext import header_values as _header_values
 from ..tracecontext import traceparent as _traceparent
+from . import otlp
 
 log = logging.getLogger(__name__)
 
@@ -418,12 +419,14 @@ def _exporter_from_env(env: Mapping[str, str]) -> SpanExporter:
             OTLPSpanExporter as HttpExporter,
         )
 
+        otlp.install(HttpExporter.__module__)
         return HttpExporter()
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter as GrpcExporter,
         )
 
+        otlp.install(GrpcExporter.__module__)
         return GrpcExporter()
     raise ConfigError([f"{name}: unsupported {protocol!r}; use http/protobuf or grpc"])
 

@@ -1,0 +1,153 @@
+"""The wire encoder of spans against the SDK's: the same bytes, in less time."""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
+    encode_spans as sdk_encode_spans,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.span import TraceState
+from test_tracing import add_attempt, chat_exchange, headers
+
+from llmproxy.telemetry import otlp
+from llmproxy.telemetry.tracing import Tracer
+
+TRACE, SPAN, PARENT = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, 0x1234
+
+
+def proxy_spans(count: int = 20) -> list[ReadableSpan]:
+    """Spans as the proxy makes them: a SERVER and a CLIENT span per exchange."""
+    exporter = InMemorySpanExporter()
+    tracer = Tracer(exporter, batch=False)
+    for i in range(count):
+        ex = chat_exchange(headers(x_llmproxy_tenant=f"team-{i}"))
+        if i % 2:
+            ex.fail("rate_limited", "slow down")
+            ex.status = 429
+        tracer.start(
+            ex, {"traceparent": f"00-{TRACE:032x}-{SPAN:016x}-01"} if i % 3 else {}
+        )
+        add_attempt(tracer, ex, 0.0, 0.5, status=ex.status)
+        tracer.sink(ex)
+    return list(exporter.get_finished_spans())
+
+
+def odd_spans() -> list[ReadableSpan]:
+    """Every attribute type, and the corners of each span field."""
+    state = TraceState([("vendor", "a1"), ("other", "b2")])
+    remote = SpanContext(TRACE, PARENT, True)
+    local = SpanContext(TRACE, PARENT, False)
+    attributes = {
+        "s": "text ✓",
+        "empty": "",
+        "yes": True,
+        "no": False,
+        "zero": 0,
+        "negative": -42,
+        "big": 2**62,
+        "pi": 3.14159,
+        "zero.float": 0.0,
+        "strings": ("a", "", "c"),
+        "ints": [1, -2, 3],
+        "bools": (True, False),
+        "none.in.list": [None],
+    }
+    scopes = (InstrumentationScope("llmproxy", "1.2"), InstrumentationScope("x"))
+    resources = (
+        Resource({"service.name": "a", "n": 1}),
+        Resource({"service.name": "b"}, "https://schema.example/1"),
+        Resource({"service.name": "a", "n": 1}),  # equal to the first: one group
+    )
+    spans = []
+    for i, (kind, parent, status) in enumerate(
+        [
+            (SpanKind.SERVER, remote, Status(StatusCode.ERROR, "it broke")),
+            (SpanKind.CLIENT, local, Status(StatusCode.OK)),
+            (SpanKind.INTERNAL, None, Status(StatusCode.UNSET)),
+            (SpanKind.CONSUMER, remote, Status(StatusCode.ERROR)),
+        ]
+    ):
+        for j, resource in enumerate(resources):
+            spans.append(
+                ReadableSpan(
+                    "" if i == 2 else f"span {i}.{j}",
+                    context=SpanContext(
+                        TRACE,
+                        SPAN + i * 10 + j,
+                        False,
+                        trace_state=state if i else None,
+                    ),
+                    parent=parent,
+                    resource=resource,
+                    attributes=attributes if j != 1 else {},
+                    kind=kind,
+                    status=status,
+                    start_time=1_700_000_000_000_000_000 + i,
+                    end_time=1_700_000_000_500_000_000 + i if i != 3 else None,
+                    instrumentation_scope=scopes[(i + j) % 2] if i != 2 else None,
+                )
+            )
+    return spans
+
+
+@pytest.mark.parametrize("make", [proxy_spans, odd_spans], ids=["proxy", "odd"])
+def test_same_bytes_as_the_sdk(make: object) -> None:
+    spans = make()  # type: ignore[operator]
+    ours = otlp.encode_spans(spans).SerializeToString(deterministic=True)
+    theirs = sdk_encode_spans(spans).SerializeToString(deterministic=True)
+    assert ours == theirs
+    # Written in field order, the raw bytes need no normalising either.
+    assert otlp.encode_spans_bytes(spans) == sdk_encode_spans(spans).SerializeToString()
+
+
+def test_events_and_links_go_to_the_sdk_encoder() -> None:
+    (base,) = proxy_spans(1)[:1]
+    span = ReadableSpan(
+        "with events",
+        context=base.context,
+        resource=base.resource,
+        events=[Event("e", {"k": 1}, timestamp=5)],
+        links=[Link(SpanContext(TRACE, PARENT, True), {"l": "x"})],
+        start_time=1,
+        end_time=2,
+    )
+    assert otlp.encode_spans([span]) == sdk_encode_spans([span])
+
+
+def test_install_replaces_the_exporters_encoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in otlp.EXPORTER_MODULES:
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, "encode_spans", sdk_encode_spans)
+        assert otlp.install(name)
+        assert module.encode_spans is otlp.encode_spans
+        # A module that no longer calls the SDK's encoder is left alone.
+        monkeypatch.setattr(module, "encode_spans", len)
+        assert not otlp.install(name)
+        assert module.encode_spans is len
+
+
+def test_several_times_faster_than_the_sdk() -> None:
+    spans = proxy_spans(200)
+
+    def best(encode: object) -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            encode(spans).SerializeToString()  # type: ignore[operator]
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    # A ratio measured in one run, not an absolute time.
+    assert best(otlp.encode_spans) * 3 < best(sdk_encode_spans)
