@@ -187,7 +187,13 @@ class Forwarder:
             resp.headers.get("content-encoding", ""),
         )
         timeouts = self.dispatcher.clients[ex.upstream or ""].upstream.timeouts
-        watchdog = Watchdog(ex, resp, timeouts.idle, timeouts.total, ex.upstream or "")
+        # A body that came whole with the headers (most unary answers) has no
+        # read left to time out.
+        watchdog = (
+            None
+            if resp.content.is_eof()
+            else Watchdog(ex, resp, timeouts.idle, timeouts.total, ex.upstream or "")
+        )
 
         complete = False
         read = resp.content.readany
@@ -234,7 +240,8 @@ class Forwarder:
                 )
                 _abort(request)
         finally:
-            watchdog.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
             tap.close(complete)
         if complete:
             try:
