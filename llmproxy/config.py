@@ -641,9 +641,18 @@ class _Validator:
         if not isinstance(upstream, str) or upstream not in upstreams:
             self.fail(_join(path, "upstream"), f"unknown upstream {upstream!r}")
         fallbacks = self.names(raw.get("fallbacks"), _join(path, "fallbacks"))
+        primary = upstreams.get(upstream) if isinstance(upstream, str) else None
         for i, fallback in enumerate(fallbacks):
             if fallback not in upstreams:
                 self.fail(f"{path}.fallbacks[{i}]", f"unknown upstream {fallback!r}")
+            elif primary is not None and upstreams[fallback].api != primary.api:
+                # The request would need translating, which the proxy never does.
+                self.fail(
+                    f"{path}.fallbacks[{i}]",
+                    f"upstream {fallback!r} speaks {upstreams[fallback].api}, "
+                    f"the route's upstream {primary.api}: it cannot serve the "
+                    "request unchanged",
+                )
         models = self.names(raw.get("models"), _join(path, "models"))
         name = raw.get("name")
         if name is None:

@@ -238,9 +238,8 @@ def test_every_optional_key_is_read() -> None:
         retries={"attempts": 1, "backoff": 0, "max_retry_after": "1m"},
         headers={"OpenAI-Organization": "org-1", "X-Number": 7},
     )
-    raw["routes"][1].update(
-        name="chat", models=["gpt-4*", "o1"], fallbacks=["anthropic"]
-    )
+    raw["upstreams"]["azure"] = {"url": "https://azure.example", "api": "openai"}
+    raw["routes"][1].update(name="chat", models=["gpt-4*", "o1"], fallbacks=["azure"])
     raw["telemetry"] = {"max_models": 5, "log_requests": False}
     raw["pricing"] = {
         "m": {"input": 1, "output": 2, "cache_creation_input": 3, "reasoning": 4}
@@ -262,7 +261,7 @@ def test_every_optional_key_is_read() -> None:
     assert dict(up.headers) == {"OpenAI-Organization": "org-1", "X-Number": "7"}
     assert not up.sets_credentials
     assert config.routes[1] == Route(
-        "/v1", "openai", "chat", models=("gpt-4*", "o1"), fallbacks=("anthropic",)
+        "/v1", "openai", "chat", models=("gpt-4*", "o1"), fallbacks=("azure",)
     )
     assert config.telemetry == Telemetry(max_models=5, log_requests=False)
     assert config.pricing["m"] == Price(1.0, 2.0, None, 3.0, 4.0)
@@ -637,7 +636,7 @@ SINGLE_PROBLEMS = [
     ("routes.1.upstream", None, "routes[1].upstream", "unknown upstream None"),
     (
         "routes.1.fallbacks",
-        ["anthropic", "azure"],
+        ["openai", "azure"],
         "routes[1].fallbacks[1]",
         "unknown upstream 'azure'",
     ),
@@ -1053,3 +1052,12 @@ def test_help_mentions_llmproxy_config(args: tuple[str, ...]) -> None:
     assert result.returncode == 0, result.stderr
     assert "LLMPROXY_CONFIG" in result.stdout
     assert "usage: llmproxy" in result.stdout
+
+
+def test_a_fallback_of_another_dialect_is_refused() -> None:
+    raw = two_upstreams()
+    raw["routes"][1]["fallbacks"] = ["anthropic"]
+    assert problems(raw) == [
+        "routes[1].fallbacks[0]: upstream 'anthropic' speaks anthropic, the route's "
+        "upstream openai: it cannot serve the request unchanged"
+    ]

@@ -516,7 +516,8 @@ def _base_config() -> dict[str, Any]:
         breaker={"failures": 4, "window": "1s"},
         retries={"attempts": 2, "backoff": "250ms"},
     )
-    raw["routes"][1].update(models=["gpt-*"], fallbacks=["anthropic"])
+    raw["upstreams"]["azure"] = {"url": "https://azure.example", "api": "openai"}
+    raw["routes"][1].update(models=["gpt-*"], fallbacks=["azure"])
     raw["pricing"] = {"gpt-4o": {"input": 2.5, "output": 10}}
     raw["telemetry"] = {"labels": ["tenant"], "redact": ["x+"], "max_models": 5}
     return raw

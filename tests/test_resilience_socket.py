@@ -1147,19 +1147,6 @@ async def test_fallback_after_a_first_byte_timeout_socket(
     assert [a.error_type for a in ex.attempts] == ["timeout_first_byte", None]
 
 
-async def test_fallbacks_never_cross_dialects_socket(
-    provider: FakeProvider, start_proxy: ProxyFactory
-) -> None:
-    provider.handler = completion()
-    raw = config(REFUSED)
-    raw["upstreams"]["anthropic"]["url"] = provider.url  # speaks another dialect
-    raw["routes"][1]["fallbacks"] = ["anthropic"]
-    running = await start_proxy(raw)
-    reply = await post(running.url + CHAT_PATH)
-    assert reply.status == 502 and reply.error_type == "connect_error"
-    assert posts(provider) == 0
-
-
 async def test_primary_answer_reaches_the_client_when_fallbacks_fail_socket(
     provider: FakeProvider, start_proxy: ProxyFactory
 ) -> None:
