@@ -111,12 +111,12 @@ class Dispatcher:
         self.no_injection: set[str] = set()
 
     def candidates(self, route: Route) -> list[UpstreamClient]:
-        """The route's upstream, then its fallbacks that speak the same dialect."""
-        primary = self.clients[route.upstream]
-        found = [primary]
+        """The route's upstream, then its fallbacks (of the same dialect: the
+        configuration refuses any other), each once."""
+        found = [self.clients[route.upstream]]
         for name in route.fallbacks:
             client = self.clients[name]
-            if client.upstream.api == primary.upstream.api and client not in found:
+            if client not in found:
                 found.append(client)
         return found
 
