@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 from conftest import FakeProvider, Recording
@@ -40,8 +41,10 @@ async def wait_ready(url: str, proc: asyncio.subprocess.Process) -> None:
 
 
 async def serve(
-    tmp_path: Path, provider_url: str, grace: str
+    tmp_path: Path, provider_url: str, grace: str, log: Path | None = None
 ) -> tuple[asyncio.subprocess.Process, str, str]:
+    """``llmproxy serve`` in front of ``provider_url``; its request log lines go
+    to ``log`` (none without it)."""
     port, admin = free_port(), free_port()
     config = {
         "server": {
@@ -51,7 +54,7 @@ async def serve(
         },
         "upstreams": {"fake": {"url": provider_url, "health": {"path": "off"}}},
         "routes": [{"prefix": "/v1", "upstream": "fake"}],
-        "telemetry": {"log_requests": False},
+        "telemetry": {"log_requests": log is not None},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -62,7 +65,7 @@ async def serve(
         "serve",
         "--config",
         str(path),
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=log.open("wb") if log is not None else asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "OTEL_SDK_DISABLED": "true"},
     )
@@ -82,7 +85,8 @@ async def test_sigterm_lets_100_streams_finish_byte_exact_socket(
     rec = Recording.load("openai/chat_completions_stream_include_usage")
     events = [e + b"\n\n" for e in rec.body.split(b"\n\n") if e]
     provider.reply(rec, chunks=events, pace=0.15)  # about 1.4 s per stream
-    proc, base, admin = await serve(tmp_path, provider.url, "10s")
+    log = tmp_path / "stdout.jsonl"
+    proc, base, admin = await serve(tmp_path, provider.url, "10s", log)
     started = asyncio.Event()
     heads = 0
 
@@ -113,6 +117,12 @@ async def test_sigterm_lets_100_streams_finish_byte_exact_socket(
     assert code == 0, (await proc.stderr.read()).decode()[-2000:]  # type: ignore[union-attr]
     assert all(body == rec.body for body in bodies)
     assert time.monotonic() - sent_at < 10
+    # Telemetry was flushed before the exit: a complete log line per stream.
+    lines = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+    requests = [line for line in lines if line["event"] == "request"]
+    assert len(requests) == STREAMS
+    assert all(r["status"] == 200 and r["output_tokens"] == 5 for r in requests)
+    assert not [r for r in requests if r.get("error_type")]
 
 
 @pytest.mark.slow
