@@ -37,15 +37,37 @@ class ReceivedSpan:
 
 
 @dataclass
-class OtlpReceiver:
-    """The receiver's state; ``delay`` and ``status`` shape its next answers."""
+class SpanCollector:
+    """What a receiver got: every span decoded, and a wait for more."""
 
     url: str = ""
     spans: list[ReceivedSpan] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def receive(self, message: ExportTraceServiceRequest) -> None:
+        for resource_spans in message.resource_spans:
+            resource = _attributes(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append(_span(span, resource, scope_spans.scope.name))
+        self.arrived.set()
+
+    async def wait_for(self, count: int, within: float = 5.0) -> list[ReceivedSpan]:
+        """Wait until at least ``count`` spans have arrived; return them all."""
+        async with asyncio.timeout(within):
+            while len(self.spans) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.spans
+
+
+@dataclass
+class OtlpReceiver(SpanCollector):
+    """The OTLP/HTTP receiver; ``delay`` and ``status`` shape its next answers."""
+
     posts: int = 0
     delay: float = 0.0
     status: int = 200
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
     posted: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
@@ -67,14 +89,6 @@ class OtlpReceiver:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def wait_for(self, count: int, within: float = 5.0) -> list[ReceivedSpan]:
-        """Wait until at least ``count`` spans have arrived; return them all."""
-        async with asyncio.timeout(within):
-            while len(self.spans) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-        return self.spans
-
     async def _traces(self, request: web.Request) -> web.Response:
         self.posts += 1
         self.posted.set()
@@ -85,13 +99,7 @@ class OtlpReceiver:
             await asyncio.sleep(self.delay)
         if self.status != 200:
             return web.Response(status=self.status)
-        message = ExportTraceServiceRequest.FromString(body)
-        for resource_spans in message.resource_spans:
-            resource = _attributes(resource_spans.resource.attributes)
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    self.spans.append(_span(span, resource, scope_spans.scope.name))
-        self.arrived.set()
+        self.receive(ExportTraceServiceRequest.FromString(body))
         return web.Response(
             body=ExportTraceServiceResponse().SerializeToString(),
             content_type="application/x-protobuf",
@@ -132,12 +140,9 @@ def _value(value: AnyValue) -> Any:
 
 
 @dataclass
-class GrpcOtlpReceiver:
+class GrpcOtlpReceiver(SpanCollector):
     """The same receiver speaking OTLP/gRPC (the TraceService Export call)."""
 
-    url: str = ""
-    spans: list[ReceivedSpan] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _server: Any = None
 
     async def start(self) -> None:
@@ -164,18 +169,3 @@ class GrpcOtlpReceiver:
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop(0.5)
-
-    def receive(self, message: ExportTraceServiceRequest) -> None:
-        for resource_spans in message.resource_spans:
-            resource = _attributes(resource_spans.resource.attributes)
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    self.spans.append(_span(span, resource, scope_spans.scope.name))
-        self.arrived.set()
-
-    async def wait_for(self, count: int, within: float = 5.0) -> list[ReceivedSpan]:
-        async with asyncio.timeout(within):
-            while len(self.spans) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-        return self.spans

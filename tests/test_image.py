@@ -232,7 +232,11 @@ def wait_ready(admin: int, server: subprocess.Popen[str]) -> None:
 
 
 def proxy_pid(root: int) -> int:
-    """The llmproxy process under ``buildah run``: the one to send SIGTERM to."""
+    """The llmproxy process under ``buildah run``: the one to send SIGTERM to.
+
+    With worker processes (the image starts one per CPU) that is their
+    supervisor, never a worker: a worker told to stop is replaced.
+    """
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -250,7 +254,8 @@ def proxy_pid(root: int) -> int:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv[0].endswith((b"python3", b"python")) and b"serve" in argv:
+        serves = argv[0].endswith((b"python3", b"python")) and b"serve" in argv
+        if serves and b"--worker" not in argv:
             return pid
     raise AssertionError("no llmproxy process under buildah run")
 
