@@ -166,7 +166,7 @@ class Metrics:
 
     def _proxy(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
-            "llmproxy_requests",
+            "llmproxy_requests_total",
             "Requests the proxy answered.",
             [
                 "route",
@@ -208,44 +208,44 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter(
-            "llmproxy_tokens",
+            "llmproxy_tokens_total",
             "Tokens used, by type and by where the count came from.",
             ["route", "upstream", "model", "type", "usage_source", *self.extra],
             registry=r,
         )
         self.usage_missing = Counter(
-            "llmproxy_usage_missing",
+            "llmproxy_usage_missing_total",
             "Responses whose usage the provider did not report.",
             ["route", "upstream"],
             registry=r,
         )
         self.cost = Counter(
-            "llmproxy_cost_usd",
+            "llmproxy_cost_usd_total",
             "Cost in US dollars, from the price table.",
             ["route", "upstream", "model", *self.extra],
             registry=r,
         )
         self.unpriced = Counter(
-            "llmproxy_unpriced_requests",
+            "llmproxy_unpriced_requests_total",
             "Requests with usage but no price for their model: counted at no cost.",
             ["route", "upstream", "model"],
             registry=r,
         )
         self.errors = Counter(
-            "llmproxy_errors",
+            "llmproxy_errors_total",
             "Failed requests, by error type.",
             ["route", "upstream", "error_type"],
             registry=r,
         )
         self.parse_errors = Counter(
-            "llmproxy_parse_errors",
+            "llmproxy_parse_errors_total",
             "Responses the proxy could not read for telemetry (the client's bytes "
             "were unaffected), by why.",
             ["route", "upstream", "kind"],
             registry=r,
         )
         self.anomalies = Counter(
-            "llmproxy_response_anomalies",
+            "llmproxy_response_anomalies_total",
             "Answers that look wrong although the request succeeded.",
             ["route", "upstream", "model", "kind"],
             registry=r,
@@ -280,12 +280,12 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self.spans_dropped = Counter(
-            "llmproxy_spans_dropped",
+            "llmproxy_spans_dropped_total",
             "Spans dropped because the export queue was full.",
             registry=r,
         )
         self.spans_failed = Counter(
-            "llmproxy_spans_export_failed",
+            "llmproxy_spans_export_failed_total",
             "Spans the exporter could not deliver to the collector.",
             registry=r,
         )
@@ -304,19 +304,19 @@ class Metrics:
             registry=r,
         )
         self.probe_failures = Counter(
-            "llmproxy_probe_failures",
+            "llmproxy_probe_failures_total",
             "Health probes that failed.",
             ["upstream", "probe"],
             registry=r,
         )
         self.retries = Counter(
-            "llmproxy_retries",
+            "llmproxy_retries_total",
             "Upstream attempts beyond the first, by the error that caused them.",
             ["upstream", "error_type"],
             registry=r,
         )
         self.fallbacks = Counter(
-            "llmproxy_fallbacks",
+            "llmproxy_fallbacks_total",
             "Requests answered by a fallback instead of the route's upstream.",
             ["route", "upstream"],
             registry=r,
@@ -355,13 +355,13 @@ class Metrics:
 
     def _cache_families(self, r: CollectorRegistry) -> None:
         self.cache_requests = Counter(
-            "llmproxy_cache_requests",
+            "llmproxy_cache_requests_total",
             "Requests on routes with a response cache: hit, miss or bypass.",
             ["route", "result"],
             registry=r,
         )
         self.cache_saved = Counter(
-            "llmproxy_cache_saved_usd",
+            "llmproxy_cache_saved_usd_total",
             "Dollars not spent: the price of the usage of each answer served "
             "from the cache.",
             ["route", "upstream", "model"],
@@ -374,12 +374,12 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self.cache_evictions = Counter(
-            "llmproxy_cache_evictions",
+            "llmproxy_cache_evictions_total",
             "Cached answers evicted to stay within cache.max_bytes.",
             registry=r,
         )
         self.cache_errors = Counter(
-            "llmproxy_cache_backend_errors",
+            "llmproxy_cache_backend_errors_total",
             "Cache backend (Redis) commands that failed or timed out.",
             registry=r,
         )
