@@ -26,6 +26,7 @@ from .exchange import Exchange
 from .sse import DEFAULT_MAX_EVENT_BYTES
 
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
+_COMPACT_NULL_USAGE = b',"usage":null'
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 MAX_PENDING = DEFAULT_MAX_EVENT_BYTES
 
@@ -85,6 +86,13 @@ class UsageStripper:
 
     @staticmethod
     def _strip(events: bytes) -> bytes:
+        if b'"choices":[]' not in events or b'"usage":{' not in events:
+            # The usual block: content events only, each with its "usage":null.
+            # No match can span two events (the next starts with a field name,
+            # not a comma), so one pass over the block does them all; the
+            # compact spelling providers send goes first, without the regex.
+            events = events.replace(_COMPACT_NULL_USAGE, b"")
+            return _NULL_USAGE.sub(b"", events) if b'"usage"' in events else events
         out: list[bytes] = []
         start = 0
         for end in _EVENT_END.finditer(events):

@@ -20,7 +20,7 @@ import threading
 import tracemalloc
 import zlib
 from collections.abc import Callable, Coroutine, Iterator
-from itertools import pairwise
+from itertools import pairwise, zip_longest
 from typing import Any, TypeVar
 
 import aiohttp
@@ -37,7 +37,7 @@ from llmproxy.config import Config, build_config, load_config
 from llmproxy.dialects import dialect_for
 from llmproxy.errors import ERROR_TYPES, ConfigError
 from llmproxy.exchange import TOKEN_FIELDS, Exchange
-from llmproxy.injection import MAX_PENDING, UsageStripper
+from llmproxy.injection import _NULL_USAGE, MAX_PENDING, UsageStripper
 from llmproxy.sse import DEFAULT_MAX_EVENT_BYTES, SSEReader
 from llmproxy.tap import Tap
 
@@ -313,6 +313,48 @@ def test_stripper_removes_what_injection_added_at_any_split() -> None:
             stripper.feed(body[i : i + size]) for i in range(0, len(body), size)
         )
         assert out + stripper.flush() == whole, size
+
+
+def strip_each_event(events: bytes) -> bytes:
+    """The stripper's rule applied event by event: the reference for its one-pass
+    form."""
+    out = []
+    parts = re.split(rb"(\r\n\r\n|\n\n|\r\r)", events)
+    for text, end in zip_longest(parts[::2], parts[1::2], fillvalue=b""):
+        event = text + end
+        if b'"choices":[]' in event and b'"usage":{' in event:
+            continue
+        out.append(_NULL_USAGE.sub(b"", event))
+    return b"".join(out)
+
+
+EVENT_PIECES = st.sampled_from(
+    [
+        b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}',
+        b'data: {"usage":null,"id":"c","choices":[{"delta":{}}]}',
+        b'data: {"id":"c","choices":[{"delta":{"content":"\\"usage\\":null"}}]}',
+        b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3}}',
+        b'data: {"usage" : null , "id":1,"usage":null,"usage":null}',
+        b'data: {"a":1 ,"usage":null}',
+        b"data: [DONE]",
+        b": ping",
+        b"event: x\ndata: {}",
+    ]
+)
+
+
+@FAST
+@given(
+    st.lists(
+        st.tuples(EVENT_PIECES, st.sampled_from([b"\n\n", b"\r\n\r\n", b"\r\r"])),
+        max_size=12,
+    )
+)
+def test_stripper_one_pass_equals_event_by_event(
+    events: list[tuple[bytes, bytes]],
+) -> None:
+    block = b"".join(text + end for text, end in events)
+    assert UsageStripper._strip(block) == strip_each_event(block)
 
 
 # --- a line that never ends ------------------------------------------------------
