@@ -561,10 +561,15 @@ class _Validator:
             self.fail(_join(path, "stream_model"), "expected a model name")
             model = None
         d = Health()
+        timeout = self.duration(raw, "timeout", path, d.timeout)
+        if not timeout:
+            # No limit would let hung probes pile up, one per interval.
+            self.fail(_join(path, "timeout"), "expected a duration above 0")
+            timeout = d.timeout
         return Health(
             path=probe_path,
             interval=self.duration(raw, "interval", path, d.interval) or d.interval,
-            timeout=self.duration(raw, "timeout", path, d.timeout),
+            timeout=timeout,
             degraded_latency=self.duration(
                 raw, "degraded_latency", path, d.degraded_latency
             ),

@@ -1061,3 +1061,11 @@ def test_a_fallback_of_another_dialect_is_refused() -> None:
         "routes[1].fallbacks[0]: upstream 'anthropic' speaks anthropic, the route's "
         "upstream openai: it cannot serve the request unchanged"
     ]
+
+
+def test_a_health_probe_needs_a_timeout() -> None:
+    raw = two_upstreams()
+    raw["upstreams"]["openai"]["health"] = {"timeout": 0}
+    assert problems(raw) == [
+        "upstreams.openai.health.timeout: expected a duration above 0"
+    ]
