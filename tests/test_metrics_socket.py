@@ -142,6 +142,7 @@ async def test_known_traffic_gives_exact_metrics_socket(
     assert value(m, tok, route="/anthropic", type="output") == 10
     assert value(m, tok, route="/anthropic", type="cached_input") == 0
     assert value(m, tok, route="/vllm", usage_source="estimated", type="output") > 0
+    assert value(m, tok, route="/vllm", usage_source="estimated", type="input") > 0
     assert value(m, "llmproxy_usage_missing_total", route="/vllm") == 1
     assert value(m, "llmproxy_usage_missing_total", route="/v1") == 0
 

@@ -73,7 +73,8 @@ def settle_request(ex: Exchange) -> None:
         return
     ex.payload = None
     ex.prompt_fingerprint = _fingerprint(obj)
-    ex.prompt_chars = _prompt_chars(obj)
+    if ex.usage_source is None:  # only an estimate of the input needs its size
+        ex.prompt_chars = _prompt_chars(obj)
 
 
 def _wants_json(obj: dict[str, Any]) -> bool:
