@@ -273,7 +273,8 @@ class Exchange:
             "error_message": self.error_message,
             "finish_reasons": self.finish_reasons or None,
             "usage_source": self.usage_source,
-            "cost_usd": self.cost_usd,
+            # Dollars to the ten-billionth: no float noise in the line.
+            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 10),
             "anomalies": self.anomalies or None,
             "cache": self.cache_result,
             "prompt_fingerprint": self.prompt_fingerprint,
