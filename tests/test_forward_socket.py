@@ -7,6 +7,8 @@ import gzip
 import itertools
 import random
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -281,6 +283,22 @@ async def test_provider_error_reaches_the_client_unchanged_socket(
     assert proxy.exchanges[-1].error_type == "upstream_4xx"
 
 
+async def same_through_proxy(
+    provider: FakeProvider,
+    direct: Any,
+    through: Any,
+    cases: list[tuple[str, Callable[[Any], Awaitable[object]]]],
+) -> None:
+    """Each recording, split at random, reads the same to an SDK client of the
+    provider (``direct``) as to one of the proxy (``through``)."""
+    for name, call in cases:
+        rec = Recording.load(name)
+        provider.reply(rec, chunks=split_randomly(rec.body, random.Random(name), 300))
+        expected = await call(direct)
+        assert expected, name
+        assert await call(through) == expected, name
+
+
 async def test_openai_sdk_unary_embeddings_and_responses_same_as_direct_socket(
     provider: FakeProvider, proxy: RunningProxy
 ) -> None:
@@ -307,17 +325,11 @@ async def test_openai_sdk_unary_embeddings_and_responses_same_as_direct_socket(
         ("openai/embeddings.reformatted", embeddings),
         ("openai/responses_stream", responses),
     ]
-    for name, call in cases:
-        rec = Recording.load(name)
-        provider.reply(rec, chunks=split_randomly(rec.body, random.Random(2), 300))
-        direct = await call(
-            openai.AsyncOpenAI(base_url=provider.url + "/v1", api_key="k")
-        )
-        through = await call(
-            openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k")
-        )
-        assert through == direct, name
-        assert direct, name
+
+    def client(base_url: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="k")
+
+    await same_through_proxy(provider, client(provider.url), client(proxy.url), cases)
 
 
 async def test_anthropic_sdk_every_event_and_unary_same_as_direct_socket(
@@ -345,14 +357,9 @@ async def test_anthropic_sdk_every_event_and_unary_same_as_direct_socket(
         ("anthropic/messages_stream_thinking", events),
         ("anthropic/message", unary),
     ]
-    for name, call in cases:
-        rec = Recording.load(name)
-        provider.reply(rec, chunks=split_randomly(rec.body, random.Random(4), 300))
-        direct = await call(
-            anthropic.AsyncAnthropic(base_url=provider.url, api_key="k")
-        )
-        through = await call(
-            anthropic.AsyncAnthropic(base_url=proxy.url + "/anthropic", api_key="k")
-        )
-        assert through == direct, name
-        assert len(direct) >= 1, name
+    await same_through_proxy(
+        provider,
+        anthropic.AsyncAnthropic(base_url=provider.url, api_key="k"),
+        anthropic.AsyncAnthropic(base_url=proxy.url + "/anthropic", api_key="k"),
+        cases,
+    )

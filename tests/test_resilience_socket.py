@@ -9,6 +9,7 @@ breaker, the exchange records and the metrics say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
@@ -31,6 +32,7 @@ from conftest import (
     proxy_config,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from test_faults_socket import RawUpstream, Script
 
 from llmproxy.breaker import Breaker
 from llmproxy.exchange import Exchange
@@ -798,59 +800,27 @@ async def test_connect_errors_are_retried_up_to_attempts_socket(
     assert tries == 3
 
 
-@dataclass
-class RawServer:
-    """A TCP server that reads whole requests and runs ``after`` on each."""
-
-    after: Any
-    requests: int = 0
-    connections: int = 0
-    url: str = ""
-    server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> RawServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":")[1])
-                    for line in head.lower().split(b"\r\n")
-                    if line.startswith(b"content-length:")
-                )
-                await reader.readexactly(length)
-                self.requests += 1
-                if not await self.after(reader, writer):
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-
-async def rst(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+async def rst(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Reset the connection: a TCP RST, not a FIN."""
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
     writer.transport.abort()
-    return False
 
 
-async def fin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+async def fin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Close the connection cleanly, with no answer."""
-    return False
+    writer.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(script: Script) -> AsyncIterator[RawUpstream]:
+    """A raw TCP upstream that answers every request with ``script``."""
+    upstream = RawUpstream([script])
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.stop()
 
 
 @pytest.mark.parametrize("close", [rst, fin], ids=["reset", "close"])
@@ -859,7 +829,7 @@ async def test_a_request_the_provider_received_is_never_retried_socket(
 ) -> None:
     # The provider read the whole request before the connection went: it may
     # have processed (and billed) it, so a retry could run it twice.
-    async with RawServer(close) as upstream:
+    async with raw_upstream(close) as upstream:
         running = await start_proxy(
             config(upstream.url, retries={"attempts": 2, "backoff": "10ms"})
         )
@@ -882,13 +852,13 @@ async def test_a_pooled_connection_the_provider_closed_is_not_reused_socket(
 
     async def answer_then_idle_close(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
+    ) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
         await writer.drain()
         closed.set()
-        return False  # the server's keep-alive timeout, at once
+        writer.close()  # the server's keep-alive timeout, at once
 
-    async with RawServer(answer_then_idle_close) as upstream:
+    async with raw_upstream(answer_then_idle_close) as upstream:
         running = await start_proxy(config(upstream.url, retries={"attempts": 1}))
         first = await post(running.url + CHAT_PATH)
         await closed.wait()
