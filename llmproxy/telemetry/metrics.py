@@ -7,15 +7,27 @@ recorder sink: it runs after the request, never on the per-chunk path.
 
 Every label is bounded: routes and upstreams come from config, error types and
 anomaly kinds from closed vocabularies, and models through ``BoundedLabel``.
+
+prometheus_client takes a lock on every ``inc`` and walks the buckets in Python
+on every ``observe``: some 30 times per exchange. ``observe`` therefore counts
+into plain Python tallies, one per child, and ``Tallies.fold`` writes their
+totals into the children in bulk: before every collection of the registry, in
+``sync``, and with worker processes (where ``/metrics`` reads other processes'
+files) within ``FOLD_EVERY`` of a count and at exit. A tally adds up its values
+in the same order as the child would, so the exposition is the same.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import time
-from collections.abc import Callable, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 from ..anomalies import anomalies
 from ..breaker import STATE_VALUES
@@ -51,6 +63,9 @@ OVERHEAD_BUCKETS = (
 )  # fmt: skip
 
 RATE_LIMITS_EVERY = 0.25  # seconds between readings of one upstream's headers
+# With worker processes, the longest a count waits before it reaches the shared
+# files that worker 0's /metrics adds up.
+FOLD_EVERY = 0.1
 
 GENAI_LABELS = (
     "gen_ai_operation_name",
@@ -86,6 +101,100 @@ class BoundedLabel:
         return OTHER
 
 
+class Tallies:
+    """The tallies counted since the last fold; a collector that folds them.
+
+    Registered first on the registry, its ``collect`` runs before any family's,
+    so every exposition shows every count. Everything here runs on the event
+    loop (or at exit, after it): the tallies need no lock.
+    """
+
+    def __init__(self, fold_every: float | None = None) -> None:
+        self.pending: list[Count | Buckets] = []
+        self._fold_every = fold_every
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, tally: Count | Buckets) -> None:
+        self.pending.append(tally)
+        if self._fold_every is not None and self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop to wait on: fold at once
+                self.fold()
+                return
+            self._timer = loop.call_later(self._fold_every, self.fold)
+
+    def fold(self) -> None:
+        """Write every pending tally's totals into its child."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self.pending = self.pending, []
+        for tally in pending:
+            tally.fold()
+
+    def collect(self) -> Iterable[Metric]:
+        self.fold()
+        return ()
+
+
+class Count:
+    """A counter child's running total, written into the child when folded."""
+
+    __slots__ = ("_child", "_tallies", "pending", "value")
+
+    def __init__(self, child: Any, tallies: Tallies) -> None:
+        self._child = child
+        self._tallies = tallies
+        self.value: float = child._value.get()
+        self.pending = False
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:  # as Counter.inc refuses it
+            raise ValueError(
+                "Counters can only be incremented by non-negative amounts."
+            )
+        self.value += amount
+        if not self.pending:
+            self.pending = True
+            self._tallies.add(self)
+
+    def fold(self) -> None:
+        self.pending = False
+        self._child._value.set(self.value)
+
+
+class Buckets:
+    """A histogram child's bucket counts and sum, written into it when folded."""
+
+    __slots__ = ("_bounds", "_child", "_tallies", "counts", "pending", "sum")
+
+    def __init__(self, child: Any, tallies: Tallies) -> None:
+        self._child = child
+        self._tallies = tallies
+        self._bounds: list[float] = child._upper_bounds
+        self.counts: list[float] = [bucket.get() for bucket in child._buckets]
+        self.sum: float = child._sum.get()
+        self.pending = False
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        # The first bucket whose bound is at least the amount, as Histogram.observe
+        # finds it; NaN is in none.
+        if amount == amount:
+            self.counts[bisect_left(self._bounds, amount)] += 1
+        if not self.pending:
+            self.pending = True
+            self._tallies.add(self)
+
+    def fold(self) -> None:
+        self.pending = False
+        child = self._child
+        for bucket, count in zip(child._buckets, self.counts, strict=True):
+            bucket.set(count)
+        child._sum.set(self.sum)
+
+
 class Metrics:
     """The proxy's Prometheus metrics, fed one finished exchange at a time."""
 
@@ -103,6 +212,10 @@ class Metrics:
         self.primary = primary
         self.prices = PriceTable.shipped().merged(config.pricing)
         r = registry
+        self.tallies = Tallies(FOLD_EVERY if multiprocess else None)
+        r.register(self.tallies)
+        if multiprocess:  # counts since the last fold would die with the process
+            atexit.register(self.tallies.fold)
         self.label_overflow = Counter(
             "llmproxy_label_overflow_total",
             "Label values replaced by 'other' because the cap was reached.",
@@ -124,6 +237,7 @@ class Metrics:
         self._limiters: Mapping[str, Limiter] = {}
         self._spans_failed_seen = 0
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._tallied: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._cache: ResponseCache | None = None
         self._genai(r)
         self._proxy(r)
@@ -405,6 +519,17 @@ class Metrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
+    def _tally(self, metric: Counter | Histogram, *values: str) -> Any:
+        """The tally of ``metric.labels(*values)``: a ``Count`` or ``Buckets``."""
+        key = (id(metric), values)
+        tally = self._tallied.get(key)
+        if tally is None:
+            # The child is made now, as before, so its _created time is the same.
+            child = metric.labels(*values)
+            kind = Buckets if isinstance(metric, Histogram) else Count
+            tally = self._tallied[key] = kind(child, self.tallies)
+        return tally
+
     def observe(self, ex: Exchange) -> None:
         """Record one finished exchange (a recorder sink).
 
@@ -420,7 +545,7 @@ class Metrics:
         stream = "true" if ex.stream else "false"
         extra = self._attribution(ex)
 
-        self._child(
+        self._tally(
             self.requests,
             route,
             upstream,
@@ -430,51 +555,51 @@ class Metrics:
             ex.error_type or "",
             *extra,
         ).inc()
-        self._child(self.duration, route, upstream, stream).observe(ex.duration)
+        self._tally(self.duration, route, upstream, stream).observe(ex.duration)
         if ex.error_type:
-            self._child(self.errors, route, upstream, ex.error_type).inc()
+            self._tally(self.errors, route, upstream, ex.error_type).inc()
         if ex.parse_error_kind:
-            self._child(self.parse_errors, route, upstream, ex.parse_error_kind).inc()
+            self._tally(self.parse_errors, route, upstream, ex.parse_error_kind).inc()
         if ex.cache_result is not None and self.caching:
             self._cached(ex, route, upstream, model)
         if not ex.attempts:
             return
 
-        self._child(self.overhead, route).observe(_overhead(ex))
+        self._tally(self.overhead, route).observe(_overhead(ex))
         genai = self._genai_labels(ex, route, model)
         previous: Attempt | None = None
         for attempt in ex.attempts:
             self._attempt(ex, attempt, genai)
             if previous is not None and previous.upstream == attempt.upstream:
-                self._child(
+                self._tally(
                     self.retries, attempt.upstream, previous.error_type or ""
                 ).inc()
             previous = attempt
         if ex.fallback:
-            self._child(self.fallbacks, route, upstream).inc()
+            self._tally(self.fallbacks, route, upstream).inc()
         if ex.response_headers is not None:
             self._rate_limits(upstream, ex.response_headers)
         if ex.operation is None:
             return
 
         if ex.t_first_token is not None:
-            self._child(self.first_token, route, upstream, model).observe(
+            self._tally(self.first_token, route, upstream, model).observe(
                 ex.t_first_token - ex.started
             )
         self._usage(ex, route, upstream, model, genai, extra)
         ex.anomalies = anomalies(ex)
         for kind in ex.anomalies:
-            self._child(self.anomalies, route, upstream, model, kind).inc()
+            self._tally(self.anomalies, route, upstream, model, kind).inc()
 
     def _cached(self, ex: Exchange, route: str, upstream: str, model: str) -> None:
         """Count the cache's answer; a hit's usage was not bought: price it."""
-        self._child(self.cache_requests, route, ex.cache_result or "").inc()
+        self._tally(self.cache_requests, route, ex.cache_result or "").inc()
         entry = ex.cache_entry
         if entry is None:
             return
         saved = self.prices.cost(entry.model, entry)
         if saved:
-            self._child(self.cache_saved, route, upstream, model).inc(saved)
+            self._tally(self.cache_saved, route, upstream, model).inc(saved)
 
     def _attribution(self, ex: Exchange) -> tuple[str, ...]:
         if not self.extra:
@@ -493,16 +618,16 @@ class Metrics:
         )
 
     def _attempt(self, ex: Exchange, attempt: Attempt, genai: tuple[str, ...]) -> None:
-        self._child(self.queue_wait, attempt.upstream).observe(attempt.queue_wait)
+        self._tally(self.queue_wait, attempt.upstream).observe(attempt.queue_wait)
         if attempt.t_headers is not None:
-            self._child(self.headers_time, attempt.upstream).observe(
+            self._tally(self.headers_time, attempt.upstream).observe(
                 attempt.t_headers - attempt.started
             )
         if ex.operation is None:
             return
         labels = (*genai[:5], attempt.upstream)
         ended = attempt.ended or ex.ended or attempt.started
-        self._child(self.op_duration, *labels, attempt.error_type or "").observe(
+        self._tally(self.op_duration, *labels, attempt.error_type or "").observe(
             ended - attempt.started
         )
         if attempt is ex.attempts[-1] and ex.stream:
@@ -510,12 +635,12 @@ class Metrics:
 
     def _chunks(self, ex: Exchange, attempt: Attempt, labels: tuple[str, ...]) -> None:
         if ex.t_first_token is not None:
-            self._child(self.first_chunk, *labels).observe(
+            self._tally(self.first_chunk, *labels).observe(
                 ex.t_first_token - attempt.started
             )
         arrivals = ex.arrivals
         if arrivals and ex.t_first_token is not None:
-            per_chunk = self._child(self.per_chunk, *labels)
+            per_chunk = self._tally(self.per_chunk, *labels)
             previous = None
             for t in arrivals:
                 if t < ex.t_first_token:
@@ -536,7 +661,7 @@ class Metrics:
         if ex.status >= 400 or ex.error_type in ("connect_error", "malformed_response"):
             return
         if ex.usage_source != "provider":
-            self._child(self.usage_missing, route, upstream).inc()
+            self._tally(self.usage_missing, route, upstream).inc()
             if ex.usage_source is None:
                 return
         source = "injected" if ex.usage_injected else ex.usage_source or "provider"
@@ -544,15 +669,15 @@ class Metrics:
             count = getattr(ex, attr)
             if count is None:
                 continue
-            self._child(
+            self._tally(
                 self.tokens, route, upstream, model, token_type, source, *extra
             ).inc(count)
-            self._child(self.token_usage, *genai, token_type).observe(count)
+            self._tally(self.token_usage, *genai, token_type).observe(count)
         cost = self.prices.cost(ex.response_model or ex.request_model, ex)
         if cost is None:
-            self._child(self.unpriced, route, upstream, model).inc()
+            self._tally(self.unpriced, route, upstream, model).inc()
         else:
-            self._child(self.cost, route, upstream, model, *extra).inc(cost)
+            self._tally(self.cost, route, upstream, model, *extra).inc(cost)
             ex.cost_usd = cost
 
     def _rate_limits(self, upstream: str, headers: Mapping[str, str]) -> None:
@@ -599,6 +724,7 @@ class Metrics:
 
     def sync(self, tracer: Tracer | None) -> None:
         """Copy counts kept elsewhere into metrics; called once a second."""
+        self.tallies.fold()
         if self.multiprocess:
             for name, limiter in self._limiters.items():
                 self.inflight.labels(name).set(limiter.inflight)
