@@ -187,6 +187,26 @@ class Buckets:
             self.pending = True
             self._tallies.add(self)
 
+    def observe_gaps(self, times: list[float], start: float) -> None:
+        """Observe the gaps between successive ``times`` from ``start`` on: one
+        call per stream rather than one per chunk."""
+        bounds, counts = self._bounds, self.counts
+        total = self.sum
+        previous = None
+        for t in times:
+            if t < start:
+                continue
+            if previous is not None:
+                gap = t - previous
+                total += gap
+                if gap == gap:
+                    counts[bisect_left(bounds, gap)] += 1
+            previous = t
+        self.sum = total
+        if previous is not None and not self.pending:
+            self.pending = True
+            self._tallies.add(self)
+
     def fold(self) -> None:
         self.pending = False
         child = self._child
@@ -641,13 +661,7 @@ class Metrics:
         arrivals = ex.arrivals
         if arrivals and ex.t_first_token is not None:
             per_chunk = self._tally(self.per_chunk, *labels)
-            previous = None
-            for t in arrivals:
-                if t < ex.t_first_token:
-                    continue
-                if previous is not None:
-                    per_chunk.observe(t - previous)
-                previous = t
+            per_chunk.observe_gaps(arrivals, ex.t_first_token)
 
     def _usage(
         self,
