@@ -252,49 +252,79 @@ class Exchange:
         self.parse_error = message
         self.parse_error_kind = kind
 
-    def as_log(self) -> dict[str, Any]:
-        """The fields of the per-request log line; ``None`` values are left out."""
-        fields: dict[str, Any] = {
-            "request_id": self.request_id,
-            "trace_id": f"{self.trace_id:032x}" if self.trace_id else None,
-            "method": self.method,
-            "path": self.path,
-            "route": self.route,
-            "upstream": self.upstream,
-            "provider": self.provider,
-            "operation": self.operation,
-            "request_model": self.request_model,
-            "response_model": self.response_model,
-            "response_id": self.response_id,
-            "upstream_request_id": self.upstream_request_id,
-            "stream": self.stream,
-            "status": self.status,
-            "error_type": self.error_type,
-            "error_message": self.error_message,
-            "finish_reasons": self.finish_reasons or None,
-            "usage_source": self.usage_source,
+    def as_log(self, line: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The fields of the per-request log line, added to ``line`` (a new dict
+        by default) and returned; ``None`` values are left out."""
+        # Once per request: each field is tested and added in place, in the
+        # line's order, rather than gathered in one dict and filtered into another.
+        fields: dict[str, Any] = {} if line is None else line
+        fields["request_id"] = self.request_id
+        if self.trace_id:
+            fields["trace_id"] = f"{self.trace_id:032x}"
+        fields["method"] = self.method
+        fields["path"] = self.path
+        for key in _NAMES:
+            value = getattr(self, key)
+            if value is not None:
+                fields[key] = value
+        fields["stream"] = self.stream
+        fields["status"] = self.status
+        if self.error_type is not None:
+            fields["error_type"] = self.error_type
+        if self.error_message is not None:
+            fields["error_message"] = self.error_message
+        if self.finish_reasons:
+            fields["finish_reasons"] = self.finish_reasons
+        if self.usage_source is not None:
+            fields["usage_source"] = self.usage_source
+        if self.cost_usd is not None:
             # Dollars to the ten-billionth: no float noise in the line.
-            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 10),
-            "anomalies": self.anomalies or None,
-            "cache": self.cache_result,
-            "prompt_fingerprint": self.prompt_fingerprint,
-            "prompt_version": self.prompt_version,
-            "tenant": self.tenant,
-            "attempts": len(self.attempts),
-            "bytes_out": self.bytes_out,
-            "duration_s": round(self.duration, 6),
-            "upstream_headers_s": _round(self.since_start(self.t_headers)),
-            "first_byte_s": _round(self.since_start(self.t_first_byte)),
-            "first_token_s": _round(self.since_start(self.t_first_token)),
-            "last_byte_s": _round(self.since_start(self.t_last_byte)),
-            "client_disconnected": self.client_disconnected or None,
-            "parse_error": self.parse_error,
-            "output_capped": self.output_capped or None,
-        }
-        for label, attr in TOKEN_FIELDS:
-            fields[f"{label}_tokens"] = getattr(self, attr)
-        return {k: v for k, v in fields.items() if v is not None}
+            fields["cost_usd"] = round(self.cost_usd, 10)
+        if self.anomalies:
+            fields["anomalies"] = self.anomalies
+        if self.cache_result is not None:
+            fields["cache"] = self.cache_result
+        for key in _ATTRIBUTION:
+            value = getattr(self, key)
+            if value is not None:
+                fields[key] = value
+        fields["attempts"] = len(self.attempts)
+        fields["bytes_out"] = self.bytes_out
+        started = self.started
+        fields["duration_s"] = round(self.duration, 6)
+        for key, attr in _PHASES:
+            t = getattr(self, attr)
+            if t is not None:
+                fields[key] = round(t - started, 6)
+        if self.client_disconnected:
+            fields["client_disconnected"] = True
+        if self.parse_error is not None:
+            fields["parse_error"] = self.parse_error
+        if self.output_capped:
+            fields["output_capped"] = True
+        for key, attr in _TOKEN_KEYS:
+            count = getattr(self, attr)
+            if count is not None:
+                fields[key] = count
+        return fields
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
+_NAMES = (
+    "route",
+    "upstream",
+    "provider",
+    "operation",
+    "request_model",
+    "response_model",
+    "response_id",
+    "upstream_request_id",
+)
+_ATTRIBUTION = ("prompt_fingerprint", "prompt_version", "tenant")
+# (log field, attribute) of the phase times, as seconds since the request began.
+_PHASES = (
+    ("upstream_headers_s", "t_headers"),
+    ("first_byte_s", "t_first_byte"),
+    ("first_token_s", "t_first_token"),
+    ("last_byte_s", "t_last_byte"),
+)
+_TOKEN_KEYS = tuple((f"{label}_tokens", attr) for label, attr in TOKEN_FIELDS)

@@ -15,6 +15,7 @@ almost nothing.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 from collections import deque
@@ -60,13 +61,13 @@ class JsonFormatter(logging.Formatter):
 
 def exchange_line(ex: Exchange) -> dict[str, Any]:
     """The ``request`` line of one exchange, timed at its end."""
-    return {
+    line = {
         "ts": _iso(ex.started_wall + ex.duration),
         "level": "info",
         "logger": access_log.name,
         "event": "request",
-        **ex.as_log(),
     }
+    return ex.as_log(line)
 
 
 class LogWriter:
@@ -213,4 +214,27 @@ def log_exchange(ex: Exchange) -> None:
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+    """``datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")``,
+    with the date and time formatted once per second, not once per line."""
+    global _second
+    # Split as fromtimestamp does: microseconds rounded half to even, carried
+    # into the seconds when they round up to a whole one.
+    fraction, whole = math.modf(timestamp)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        micros -= 1_000_000
+        whole += 1.0
+    elif micros < 0:
+        micros += 1_000_000
+        whole -= 1.0
+    second = int(whole)
+    cached = _second
+    if cached[0] != second:
+        text = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
+        cached = _second = (second, text[:-6])  # without the "+00:00"
+    return f"{cached[1]}.{micros // 1000:03d}+00:00"
+
+
+# The last second _iso formatted, and its text: one tuple, so that a reader in
+# another thread never sees the one without the other.
+_second: tuple[int, str] = (-(1 << 62), "")
