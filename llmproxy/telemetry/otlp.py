@@ -46,11 +46,18 @@ _KIND = {
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200
 _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
+# Span fields that take few values, encoded once: kind (6), flags (16).
+_KIND_FIELD = {kind: b"\x30" + bytes((value,)) for kind, value in _KIND.items()}
+_LOCAL_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)
+_REMOTE_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
 _DOUBLE = struct.Struct("<d").pack
 _U64 = (1 << 64) - 1
 # Encoded span attributes by (key, type, value); only the export thread uses it.
 _PAIRS: dict[tuple[str, type, Any], bytes] = {}
 _MAX_PAIRS = 4096
+# Encoded span names (field 5) and statuses (field 15), which repeat as much.
+_NAMES: dict[str, bytes] = {}
+_STATUSES: dict[tuple[int, str | None], bytes] = {}
 # Encoded spans by instrumentation scope, in order of first appearance.
 Groups = dict[InstrumentationScope | None, list[bytes]]
 
@@ -144,17 +151,24 @@ def _span(span: ReadableSpan) -> bytes:
         b"\x12\x08" + context.span_id.to_bytes(8, "big"),
     ]
     state = context.trace_state
-    if state is not None:
+    if state:  # never None in a SpanContext, usually empty
         text = ",".join(f"{key}={value}" for key, value in state.items())
         if text:
             parts.append(_string(3, text))
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    if span.name:
-        parts.append(_string(5, span.name))
-    kind = _KIND.get(span.kind, 0)
-    if kind:
-        parts.append(b"\x30" + _varint(kind))
+    name = span.name
+    if name:
+        encoded = _NAMES.get(name)
+        if encoded is None:
+            encoded = _string(5, name)
+            if len(_NAMES) >= _MAX_PAIRS:
+                _NAMES.clear()
+            _NAMES[name] = encoded
+        parts.append(encoded)
+    kind = _KIND_FIELD.get(span.kind)
+    if kind is not None:
+        parts.append(kind)
     if span.start_time:
         parts.append(b"\x39" + _FIXED64(span.start_time))
     if span.end_time:
@@ -162,11 +176,17 @@ def _span(span: ReadableSpan) -> bytes:
     parts += _span_attributes(span.attributes)
     if span.dropped_attributes:
         parts.append(b"\x50" + _varint(span.dropped_attributes))
-    parts.append(_message(15, _status(span)))
-    flags = _HAS_IS_REMOTE | (
-        _IS_REMOTE if parent is not None and parent.is_remote else 0
-    )
-    parts.append(b"\x85\x01" + _FIXED32(flags))
+    status = span.status
+    key = (status.status_code.value, status.description)
+    encoded = _STATUSES.get(key)
+    if encoded is None:
+        encoded = _message(15, _status(span))
+        if len(_STATUSES) >= _MAX_PAIRS:
+            _STATUSES.clear()
+        _STATUSES[key] = encoded
+    parts.append(encoded)
+    remote = parent is not None and parent.is_remote
+    parts.append(_REMOTE_FLAGS if remote else _LOCAL_FLAGS)
     return b"".join(parts)
 
 
