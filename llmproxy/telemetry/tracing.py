@@ -16,7 +16,6 @@ import os
 import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from random import getrandbits
-from typing import Any
 
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
@@ -53,6 +52,7 @@ _MAX_PATH = 1024
 _SCOPE = InstrumentationScope("llmproxy", __version__)
 _ERROR = Status(StatusCode.ERROR)
 _UNSET = Status(StatusCode.UNSET)
+_FLAGS = {_SAMPLED: TraceFlags(_SAMPLED)}  # the flags of nearly every span
 
 Attributes = dict[str, AttributeValue]
 
@@ -222,24 +222,23 @@ class Tracer:
         self._processor.on_end(span)
 
     def _spans(self, ex: Exchange, flags: int, state: str | None) -> list[ReadableSpan]:
-        trace_flags = TraceFlags(flags)
+        trace_flags = _FLAGS.get(flags) or TraceFlags(flags)
         trace_state = TraceState.from_header([state]) if state else None
+        trace_id, started = ex.trace_id, ex.started
         base_ns = int(ex.started_wall * 1e9)
-
-        def ns(t: float) -> int:
-            return base_ns + int((t - ex.started) * 1e9)
-
-        def context(span_id: int, remote: bool = False) -> SpanContext:
-            return SpanContext(ex.trace_id, span_id, remote, trace_flags, trace_state)
-
-        server = context(ex.span_id)
+        server = SpanContext(trace_id, ex.span_id, False, trace_flags, trace_state)
+        parent = None
+        if ex.parent_span_id:
+            parent = SpanContext(
+                trace_id, ex.parent_span_id, True, trace_flags, trace_state
+            )
         attribution = _attribution(ex)
         end_ns = base_ns + int(ex.duration * 1e9)
         spans = [
             ReadableSpan(
                 f"{ex.method} {ex.route or 'unrouted'}",
                 context=server,
-                parent=context(ex.parent_span_id, True) if ex.parent_span_id else None,
+                parent=parent,
                 resource=self.resource,
                 attributes=_server_attributes(ex) | attribution,
                 kind=SpanKind.SERVER,
@@ -252,17 +251,24 @@ class Tracer:
         last = len(ex.attempts) - 1
         for i, attempt in enumerate(ex.attempts):
             ended = attempt.ended if attempt.ended is not None else ex.ended
+            span_id = attempt.span_id or getrandbits(64) or 1
             spans.append(
                 ReadableSpan(
                     _client_name(ex),
-                    context=context(attempt.span_id or getrandbits(64) or 1),
+                    context=SpanContext(
+                        trace_id, span_id, False, trace_flags, trace_state
+                    ),
                     parent=server,
                     resource=self.resource,
                     attributes=_client_attributes(ex, attempt, i == last) | attribution,
                     kind=SpanKind.CLIENT,
                     status=_ERROR if attempt.error_type else _UNSET,
-                    start_time=ns(attempt.started),
-                    end_time=end_ns if ended is None else ns(ended),
+                    start_time=base_ns + int((attempt.started - started) * 1e9),
+                    end_time=(
+                        end_ns
+                        if ended is None
+                        else base_ns + int((ended - started) * 1e9)
+                    ),
                     instrumentation_scope=_SCOPE,
                 )
             )
@@ -376,25 +382,32 @@ def _client_attributes(ex: Exchange, attempt: Attempt, last: bool) -> Attributes
 
 
 def _add_response(attrs: Attributes, ex: Exchange, attempt: Attempt) -> None:
-    optional: dict[str, Any] = {
-        gen_ai.GEN_AI_RESPONSE_MODEL: ex.response_model,
-        gen_ai.GEN_AI_RESPONSE_ID: ex.response_id,
-        gen_ai.GEN_AI_USAGE_INPUT_TOKENS: ex.input_tokens,
-        gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS: ex.output_tokens,
-        gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: ex.cached_input_tokens,
-        gen_ai.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: ex.cache_creation_input_tokens,
-        gen_ai.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: ex.reasoning_tokens,
-        "llmproxy.usage_source": ex.usage_source,
-    }
-    for key, value in optional.items():
-        if value is not None:
-            attrs[key] = value
+    # In this order on the span; each only when known.
+    if ex.response_model is not None:
+        attrs[gen_ai.GEN_AI_RESPONSE_MODEL] = ex.response_model
+    if ex.response_id is not None:
+        attrs[gen_ai.GEN_AI_RESPONSE_ID] = ex.response_id
+    for key, attr in _USAGE_ATTRIBUTES:
+        count = getattr(ex, attr)
+        if count is not None:
+            attrs[key] = count
+    if ex.usage_source is not None:
+        attrs["llmproxy.usage_source"] = ex.usage_source
     if ex.finish_reasons:
         attrs[gen_ai.GEN_AI_RESPONSE_FINISH_REASONS] = tuple(ex.finish_reasons)
     if ex.stream and ex.t_first_token is not None:
         attrs[gen_ai.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = (
             ex.t_first_token - attempt.started
         )
+
+
+_USAGE_ATTRIBUTES = (
+    (gen_ai.GEN_AI_USAGE_INPUT_TOKENS, "input_tokens"),
+    (gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS, "output_tokens"),
+    (gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, "cached_input_tokens"),
+    (gen_ai.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, "cache_creation_input_tokens"),
+    (gen_ai.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning_tokens"),
+)
 
 
 def _default_resource() -> Resource:
