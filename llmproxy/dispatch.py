@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .breaker import Breaker
@@ -33,7 +32,7 @@ from .headers import upstream_request_headers
 from .injection import inject_usage
 from .limiter import Limiter
 from .retry import RetryBudget, error_delay, retry_delay
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, UpstreamResponse
 
 if TYPE_CHECKING:
     from .telemetry.tracing import Tracer
@@ -63,7 +62,7 @@ class Lease:
     def __init__(
         self,
         client: UpstreamClient,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         attempt: Attempt,
         trial: bool,
         limiter: Limiter,
@@ -213,7 +212,7 @@ class Dispatcher:
 
     async def _attempt(
         self, ex: Exchange, client: UpstreamClient, out: Outgoing, waited: float
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """One request to one upstream, with usage injected where it applies."""
         upstream = client.upstream
         headers = upstream_request_headers(out.client_headers, upstream.headers)
@@ -249,7 +248,7 @@ class Dispatcher:
         headers: CIMultiDict[str],
         body: bytes,
         waited: float,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         attempt = Attempt(client.upstream.name, client.host, client.port)
         attempt.queue_wait = waited
         ex.attempts.append(attempt)
@@ -258,7 +257,7 @@ class Dispatcher:
         ex.t_sent = attempt.started
         try:
             resp = await client.send(
-                out.method, client.url_for(out.path), headers, body, ex
+                out.method, out.path, headers, body, ex
             )
         except ProxyError as exc:
             attempt.ended = time.perf_counter()

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
 from .auth import Authenticator
@@ -44,7 +43,7 @@ from .injection import UsageStripper
 from .routing import Router, upstream_path
 from .tap import Tap
 from .tracecontext import adopt_client_trace
-from .upstream import Watchdog
+from .upstream import UpstreamResponse, Watchdog
 
 if TYPE_CHECKING:
     from .telemetry.tracing import Tracer
@@ -167,7 +166,7 @@ class Forwarder:
     async def _relay(
         self,
         request: web.BaseRequest,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         ex: Exchange,
         dialect: object,
         fill: Fill | None = None,
@@ -191,12 +190,12 @@ class Forwarder:
         # read left to time out.
         watchdog = (
             None
-            if resp.content.is_eof()
+            if resp.at_eof()
             else Watchdog(ex, resp, timeouts.idle, timeouts.total, ex.upstream or "")
         )
 
         complete = False
-        read = resp.content.readany
+        read = resp.read
         write = out.write
         feed = tap.feed
         strip = UsageStripper() if ex.usage_injected else None
@@ -231,7 +230,7 @@ class Forwarder:
         except UpstreamTimeoutError as exc:
             ex.fail(exc.error_type, exc.message)
             _abort(request)
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except ConnectionError as exc:
             if _client_gone(request):
                 _client_went_away(ex)
             else:
