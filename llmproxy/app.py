@@ -26,6 +26,7 @@ from .dispatch import Dispatcher
 from .estimate import settle
 from .forward import Forwarder
 from .health import HealthMonitor
+from .server import ProxyServer
 from .telemetry import Recorder, Sink
 from .telemetry.capture import CaptureSink
 from .telemetry.logging import log_exchange, protocol_log
@@ -69,6 +70,8 @@ class Proxy:
         self.ready = False
         self.not_ready_reason = "starting"
         self._runners: list[web.BaseRunner] = []
+        self._server: ProxyServer | None = None
+        self._listener: asyncio.Server | None = None
         self._stopped = False
         self._sync_task: asyncio.Task[None] | None = None
         self.proxy_address: tuple[str, int] = config.server.listen
@@ -127,17 +130,9 @@ class Proxy:
             tracer=self.tracer,
             cache=self.cache,
         )
-        server = web.Server(
-            forwarder,
-            handler_cancellation=True,
-            access_log=None,
-            logger=protocol_log,
-            # aiohttp closes a connection that has not sent a whole request's
-            # headers this long after connecting or after its last response.
-            keepalive_timeout=self.config.server.client_timeout,
-        )
-        grace = self.config.server.drain_grace
-        proxy_runner = web.ServerRunner(server, shutdown_timeout=grace)
+        # A connection that has not sent a whole request's headers this long
+        # after connecting or after its last response is closed.
+        self._server = ProxyServer(forwarder, self.config.server.client_timeout)
         admin_runner = web.AppRunner(
             admin_app(self),
             access_log=None,
@@ -146,10 +141,16 @@ class Proxy:
             keepalive_timeout=self.config.server.client_timeout,
         )
         try:
-            self.proxy_address = await _listen(
-                proxy_runner, self.config.server.listen, self.worker is not None
+            host, port = self.config.server.listen
+            self._listener = await asyncio.get_running_loop().create_server(
+                self._server,
+                host,
+                port,
+                reuse_port=self.worker is not None or None,
+                backlog=1024,
             )
-            self._runners.append(proxy_runner)
+            bound = self._listener.sockets[0].getsockname()
+            self.proxy_address = (str(bound[0]), int(bound[1]))
             if self.primary:
                 self.admin_address = await _listen(
                     admin_runner, self.config.server.admin_listen
@@ -183,6 +184,10 @@ class Proxy:
         self.not_ready_reason = "shutting down"
         if self._sync_task is not None:
             self._sync_task.cancel()
+        if self._listener is not None:
+            self._listener.close()  # no new connections
+        if self._server is not None:
+            await self._server.shutdown(self.config.server.drain_grace)
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

@@ -32,11 +32,11 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from aiohttp import web
 from multidict import CIMultiDict
 
 from .headers import SECRET_HEADERS
 from .injection import UsageStripper
+from .server import Reply
 
 if TYPE_CHECKING:
     from .config import Cache, Route, RouteCache, Upstream
@@ -215,7 +215,7 @@ class ResponseCache:
         self.store.put(fill.key, entry, fill.ttl)
 
     @staticmethod
-    def response(ex: Exchange, entry: Entry) -> web.Response:
+    def response(ex: Exchange, entry: Entry) -> Reply:
         """The stored answer, whole: a stream replays without its original pacing."""
         ex.status = entry.status
         ex.upstream = entry.upstream
@@ -224,7 +224,7 @@ class ResponseCache:
         ex.bytes_out = len(entry.body)
         headers = CIMultiDict(entry.headers)
         headers[CACHE_HEADER] = "hit"
-        return web.Response(status=entry.status, body=entry.body, headers=headers)
+        return Reply(entry.status, entry.body, headers)
 
     async def close(self) -> None:
         await self.store.close()

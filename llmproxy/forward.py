@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from .auth import Authenticator
 from .cache import CACHE_HEADER, Fill, ResponseCache
 from .classify import classify_status
@@ -41,6 +39,7 @@ from .exchange import Exchange
 from .headers import client_response_headers
 from .injection import UsageStripper
 from .routing import Router, upstream_path
+from .server import Reply, Request, StreamReply
 from .tap import Tap
 from .tracecontext import adopt_client_trace
 from .upstream import UpstreamResponse, Watchdog
@@ -83,7 +82,7 @@ class Forwarder:
         )
         self._seq = 0
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> Reply | StreamReply:
         self._seq += 1
         path, _, query = request.raw_path.partition("?")
         ex = Exchange(f"{_ID_PREFIX}{self._seq:x}", request.method, path)
@@ -107,8 +106,8 @@ class Forwarder:
             self.record(ex)
 
     async def _handle(
-        self, request: web.BaseRequest, ex: Exchange, path: str, query: str
-    ) -> web.StreamResponse:
+        self, request: Request, ex: Exchange, path: str, query: str
+    ) -> Reply | StreamReply:
         if self.tracer is not None:
             self.tracer.start(ex, request.headers)
         elif "traceparent" in request.headers:
@@ -165,20 +164,18 @@ class Forwarder:
 
     async def _relay(
         self,
-        request: web.BaseRequest,
+        request: Request,
         resp: UpstreamResponse,
         ex: Exchange,
         dialect: object,
         fill: Fill | None = None,
-    ) -> web.StreamResponse:
+    ) -> StreamReply:
         """Stream the upstream response to the client as it arrives."""
         headers = client_response_headers(resp.headers)
         headers[UPSTREAM_HEADER] = ex.upstream or ""
         if ex.cache_result is not None:
             headers[CACHE_HEADER] = ex.cache_result
-        out = web.StreamResponse(
-            status=resp.status, reason=resp.reason, headers=headers
-        )
+        out = StreamReply(resp.status, resp.reason, headers)
         tap = Tap(
             ex,
             dialect,  # type: ignore[arg-type]
@@ -252,19 +249,16 @@ class Forwarder:
         return out
 
 
-async def _read_body(request: web.BaseRequest, limit: int, within: float) -> bytes:
+async def _read_body(request: Request, limit: int, within: float) -> bytes:
     """The request body; ``PayloadTooLargeError`` once it exceeds ``limit``, and
     ``ClientTimeoutError`` if it has not all arrived within ``within`` seconds."""
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLargeError(f"request body of {length} bytes exceeds {limit}")
-    if length == 0 or (length is None and not request.body_exists):
-        return b""
-    content = request.content
-    if content.is_eof():
+    if request.body_complete():
         # The usual case for a small body: it came with the headers, so there is
         # nothing to wait for and no deadline to arm.
-        body = content.read_nowait()
+        body = request.take_body()
         if len(body) > limit:
             raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
         return body
@@ -273,7 +267,7 @@ async def _read_body(request: web.BaseRequest, limit: int, within: float) -> byt
     try:
         # A client trickling its body would otherwise hold a connection forever.
         async with asyncio.timeout(within):
-            async for chunk in request.content.iter_any():
+            while chunk := await request.read():
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
@@ -285,7 +279,7 @@ async def _read_body(request: web.BaseRequest, limit: int, within: float) -> byt
     return b"".join(chunks)
 
 
-def _error_response(ex: Exchange, exc: ProxyError) -> web.Response:
+def _error_response(ex: Exchange, exc: ProxyError) -> Reply:
     ex.status = exc.status
     ex.fail(exc.error_type, exc.message)
     headers = {"Content-Type": "application/json"}
@@ -296,10 +290,8 @@ def _error_response(ex: Exchange, exc: ProxyError) -> web.Response:
     if isinstance(exc, PayloadTooLargeError | ClientTimeoutError):
         # The unread rest of the body makes the connection unusable.
         headers["Connection"] = "close"
-    return web.Response(
-        status=exc.status,
-        body=error_body(exc.error_type, exc.message, exc.upstream),
-        headers=headers,
+    return Reply(
+        exc.status, error_body(exc.error_type, exc.message, exc.upstream), headers
     )
 
 
@@ -323,12 +315,12 @@ def _client_went_away(ex: Exchange) -> None:
     ex.fail("client_disconnect", "the client went away")
 
 
-def _client_gone(request: web.BaseRequest) -> bool:
+def _client_gone(request: Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
 
 
-def _abort(request: web.BaseRequest) -> None:
+def _abort(request: Request) -> None:
     """End the client's connection without a clean end of body.
 
     The upstream broke off mid-body, so the client must see an incomplete
