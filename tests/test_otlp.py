@@ -108,6 +108,12 @@ def test_same_bytes_as_the_sdk(make: object) -> None:
     assert ours == theirs
     # Written in field order, the raw bytes need no normalising either.
     assert otlp.encode_spans_bytes(spans) == sdk_encode_spans(spans).SerializeToString()
+    # What the HTTP exporter sends, without the parse of a message.
+    serialized = otlp.encode_spans_serialized(spans)
+    assert (
+        serialized.SerializePartialToString()
+        == sdk_encode_spans(spans).SerializePartialToString()
+    )
 
 
 def test_events_and_links_go_to_the_sdk_encoder() -> None:
@@ -131,7 +137,9 @@ def test_install_replaces_the_exporters_encoder(
         module = importlib.import_module(name)
         monkeypatch.setattr(module, "encode_spans", sdk_encode_spans)
         assert otlp.install(name)
-        assert module.encode_spans is otlp.encode_spans
+        http = name == otlp.EXPORTER_MODULES[0]
+        expected = otlp.encode_spans_serialized if http else otlp.encode_spans
+        assert module.encode_spans is expected
         # A module that no longer calls the SDK's encoder is left alone.
         monkeypatch.setattr(module, "encode_spans", len)
         assert not otlp.install(name)

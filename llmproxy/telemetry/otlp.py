@@ -68,8 +68,31 @@ def install(module_name: str) -> bool:
     module = importlib.import_module(module_name)
     if getattr(module, "encode_spans", None) is not sdk_encode_spans:
         return False
-    module.encode_spans = encode_spans  # type: ignore[attr-defined]
+    # The HTTP exporter only serialises what it is given: the bytes can go as
+    # they are. gRPC's stub needs the message itself.
+    http = module_name == EXPORTER_MODULES[0]
+    module.encode_spans = encode_spans_serialized if http else encode_spans  # type: ignore[attr-defined]
     return True
+
+
+class Serialized(bytes):
+    """Encoded spans that answer the serialising calls an exporter makes of an
+    ``ExportTraceServiceRequest``, without a parse and a re-serialisation."""
+
+    def SerializeToString(self) -> bytes:  # protobuf's name
+        return bytes(self)
+
+    SerializePartialToString = SerializeToString
+
+
+def encode_spans_serialized(
+    spans: Sequence[ReadableSpan],
+) -> Serialized | ExportTraceServiceRequest:
+    """As ``encode_spans``, for an exporter that only serialises the request."""
+    if any(span.events or span.links for span in spans):
+        request: ExportTraceServiceRequest = sdk_encode_spans(spans)
+        return request
+    return Serialized(encode_spans_bytes(spans))
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
