@@ -32,7 +32,7 @@ class Authenticator:
         value = headers.get(self._header, "")
         if self._bearer and value[:7].lower() == "bearer ":
             value = value[7:]
-        # The bytes as sent: aiohttp decodes obs-text (bytes that are not UTF-8)
+        # The bytes as sent: the server decodes obs-text (bytes that are not UTF-8)
         # to lone surrogates, which surrogateescape turns back, never matching.
         candidate = value.strip().encode("utf-8", "surrogateescape")
         matched = False

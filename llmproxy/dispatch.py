@@ -256,9 +256,7 @@ class Dispatcher:
             self.tracer.inject(ex, attempt, headers)
         ex.t_sent = attempt.started
         try:
-            resp = await client.send(
-                out.method, out.path, headers, body, ex
-            )
+            resp = await client.send(out.method, out.path, headers, body, ex)
         except ProxyError as exc:
             attempt.ended = time.perf_counter()
             attempt.error_type = exc.error_type
