@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
+from http import HTTPStatus
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -33,18 +34,6 @@ _MAX_LINE = 8190  # as aiohttp, nginx and most servers
 _MAX_HEADERS = 128
 _QUEUE = 8  # parsed requests waiting before the connection stops reading
 _BODY_HIGH_WATER = 1024 * 1024  # unread body bytes before reading pauses
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    408: "Request Timeout",
-    413: "Payload Too Large",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
 
 
 class Request:
@@ -151,7 +140,7 @@ class Reply:
         reason: str | None = None,
     ) -> None:
         self.status = status
-        self.reason = reason or _REASONS.get(status, "")
+        self.reason = reason or _phrase(status)
         self.headers: CIMultiDict[str] = CIMultiDict(headers or {})
         self.body = body
 
@@ -179,7 +168,7 @@ class StreamReply:
         self, status: int, reason: str | None, headers: CIMultiDict[str]
     ) -> None:
         self.status = status
-        self.reason = reason or _REASONS.get(status, "")
+        self.reason = reason or _phrase(status)
         self.headers = headers
         self._conn: _Connection | None = None
         self._head = b""
@@ -424,7 +413,7 @@ class _Connection(asyncio.Protocol):
         elif current is not None:
             # Its handler is reading the body: nothing has gone upstream yet.
             # Answering ends the connection, which cancels the handler.
-            self.write(self.head_bytes(400, "Bad Request", _BAD_REQUEST, True, 1))
+            self._bad_request()
             self.close()
             return
         self.queue.append(None)
@@ -440,7 +429,7 @@ class _Connection(asyncio.Protocol):
         request = self.queue.popleft()
         self.idle_since = None
         if request is None:
-            self.write(self.head_bytes(400, "Bad Request", _BAD_REQUEST, True, 1))
+            self._bad_request()
             self.close()
             return
         self.task = self.loop.create_task(self._serve(request))
@@ -471,7 +460,7 @@ class _Connection(asyncio.Protocol):
             and not self._closes(reply.headers)
             and request.body_complete()
         )
-        head = self.head_bytes(reply.status, reply.reason, reply.headers, not keep, 1)
+        head = self.head_bytes(reply.status, reply.reason, reply.headers, not keep)
         self.write(head + body)
         return keep
 
@@ -488,8 +477,8 @@ class _Connection(asyncio.Protocol):
         close = not request.keep_alive or self._closes(headers)
         if chunked and request.version == "1.0":
             chunked, close = False, True  # the end of the body is the close
-        framing = 2 if chunked else 0
-        return self.head_bytes(status, reason, headers, close, framing), chunked, close
+        head = self.head_bytes(status, reason, headers, close, chunked)
+        return head, chunked, close
 
     def head_bytes(
         self,
@@ -497,12 +486,12 @@ class _Connection(asyncio.Protocol):
         reason: str,
         headers: Mapping[str, str],
         close: bool,
-        framing: int,
+        chunked: bool = False,
     ) -> bytes:
-        """A reply's head; ``framing`` 2 adds chunked transfer coding."""
+        """A reply's head, with chunked transfer coding if ``chunked``."""
         lines = [f"HTTP/1.1 {status} {reason}\r\n"]
         lines += [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() not in _OWN]
-        if framing == 2:
+        if chunked:
             lines.append("Transfer-Encoding: chunked\r\n")
         if close:
             lines.append("Connection: close\r\n")
@@ -510,6 +499,9 @@ class _Connection(asyncio.Protocol):
             lines.append(f"Date: {_date()}\r\n")
         lines.append("\r\n")
         return "".join(lines).encode("utf-8", "surrogateescape")
+
+    def _bad_request(self) -> None:
+        self.write(self.head_bytes(400, "Bad Request", _BAD_REQUEST, True))
 
     # writing
 
@@ -563,11 +555,20 @@ class _Refused(Exception):
 # Set by the server from what it sends, never copied from a handler's headers.
 _OWN = frozenset({"connection", "transfer-encoding", "keep-alive"})
 _BAD_REQUEST = CIMultiDict({"Content-Type": "text/plain", "Content-Length": "0"})
-_date_cache: list[object] = [0, ""]
+_date_cache = (0, "")
 
 
 def _date() -> str:
+    """The Date header's value, formatted once a second."""
+    global _date_cache
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True)
-    return str(_date_cache[1])
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
