@@ -13,11 +13,13 @@ keeping the best of R rounds.
 
 What is timed per sink:
 
-- ``settle``, ``metrics`` (``Metrics.observe``), ``trace.sink`` (``Tracer.sink``,
-  its processor replaced by a list so that no export thread runs beside it);
+- ``settle``, ``metrics`` (``Metrics.observe``), ``trace.sink`` (``Tracer.sink``:
+  the copy of the exchange onto the export queue, which no thread drains while
+  the bench runs);
 - ``log.put`` (``log_exchange``, an append to the writer's queue) and
   ``log.line`` (what the writer thread then does per exchange: the JSON line);
-- ``trace.encode``: the OTLP encoding of those spans, done by the export thread;
+- ``trace.encode``: the OTLP encoding of those spans from the copies, in
+  batches of 512 spans, as the export thread does it;
 - ``scrape``: one ``/metrics`` rendering, per scrape, not per exchange.
 
 The writer and export threads run on the same core as the loop when the proxy is
@@ -42,8 +44,8 @@ from llmproxy.app import Proxy
 from llmproxy.config import build_config
 from llmproxy.exchange import Attempt, Exchange
 from llmproxy.telemetry import logging as tlog
-from llmproxy.telemetry import otlp
-from llmproxy.telemetry.tracing import Tracer
+from llmproxy.telemetry import spans
+from llmproxy.telemetry.tracing import _SCOPE, Tracer
 
 CONFIG = {
     "upstreams": {"openai": {"url": "http://127.0.0.1:1", "api": "openai"}},
@@ -72,18 +74,6 @@ PAYLOAD = {
         {"role": "user", "content": "Write a haiku about proxies."},
     ],
 }
-
-
-class _Collected:
-    """A span processor that keeps what it is given, as if exported at once."""
-
-    def __init__(self, tracer: Tracer) -> None:
-        self.spans: list[ReadableSpan] = []
-        self._exporter = tracer._exporter
-
-    def on_end(self, span: ReadableSpan) -> None:
-        self.spans.append(span)
-        self._exporter.taken += 1  # the queue never fills
 
 
 class _Nowhere(SpanExporter):
@@ -142,8 +132,6 @@ def timed(run: Callable[[], None], count: int) -> float:
 
 def one_round(proxy: Proxy, tracer: Tracer, stream: bool, n: int) -> dict[str, float]:
     settle, observe, log_exchange, trace_sink = proxy.recorder.sinks[:4]
-    collected = _Collected(tracer)
-    tracer._processor = collected  # type: ignore[assignment]
     writer = tlog._writer
     assert writer is not None
     exchanges = [exchange(tracer, stream, i) for i in range(n)]
@@ -159,12 +147,17 @@ def one_round(proxy: Proxy, tracer: Tracer, stream: bool, n: int) -> dict[str, f
         "trace.sink": timed(each(trace_sink), n),
     }
     writer._pending.clear()
-    spans = collected.spans
-    assert len(spans) == 2 * n, "every exchange makes a SERVER and a CLIENT span"
-    batches = [spans[i : i + 512] for i in range(0, len(spans), 512)]
-    out["trace.encode"] = timed(
-        lambda: [otlp.encode_spans_bytes(b) for b in batches] and None, n
-    )
+    copies = list(tracer._queue)
+    tracer._queue.clear()
+    assert len(copies) == n, "every exchange is queued for export"
+    assert sum(map(spans.count, copies)) == 2 * n, "a SERVER and a CLIENT span each"
+    batches = [copies[i : i + 256] for i in range(0, n, 256)]
+
+    def encode() -> None:
+        for batch in batches:
+            spans.SpanBatch(batch, tracer.resource, _SCOPE).to_bytes()
+
+    out["trace.encode"] = timed(encode, n)
     registry = proxy.exposition_registry()
     out["scrape"] = timed(lambda: generate_latest(registry) and None, 1)
     return out
@@ -178,8 +171,13 @@ def main(argv: list[str] | None = None) -> None:
 
     writer = tlog.setup_logging("INFO", io.StringIO())
     writer.stop()  # the bench formats lines itself; no thread drains the queue
-    tracer = Tracer(_Nowhere(), batch=True)
-    processor = tracer._processor
+    # A queue that never fills and never wakes its thread: the bench drains it.
+    tracer = Tracer(
+        _Nowhere(),
+        max_queue_size=10**9,
+        max_export_batch_size=10**9,
+        schedule_delay=1e6,
+    )
     proxy = Proxy(build_config(CONFIG), registry=CollectorRegistry(), tracer=tracer)
     names = ("settle", "metrics", "log.put", "log.line", "trace.sink")
     for stream in (True, False):
@@ -197,7 +195,6 @@ def main(argv: list[str] | None = None) -> None:
             f"  {'scrape (us)':<13}{best['scrape']:8.0f}  (one /metrics, not per"
             " exchange)"
         )
-    tracer._processor = processor
     tracer.shutdown()
 
 

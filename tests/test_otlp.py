@@ -19,8 +19,9 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.span import TraceState
 from test_tracing import add_attempt, chat_exchange, headers
 
-from llmproxy.telemetry import otlp
-from llmproxy.telemetry.tracing import Tracer
+from llmproxy.exchange import Exchange
+from llmproxy.telemetry import otlp, spans
+from llmproxy.telemetry.tracing import _SCOPE, Tracer
 
 TRACE, SPAN, PARENT = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, 0x1234
 
@@ -116,6 +117,77 @@ def test_same_bytes_as_the_sdk(make: object) -> None:
     )
 
 
+def shaped_exchanges() -> list[Exchange]:
+    """Exchanges of every shape the spans take: each optional attribute on and
+    off, remote and local parents, trace states, retries, failures, no answer."""
+    tracer = Tracer(InMemorySpanExporter(), batch=False)
+    out = []
+    for i in range(48):
+        ex = chat_exchange(
+            headers(x_llmproxy_tenant=f"team-{i % 5}", x_llmproxy_prompt_version="v2")
+            if i % 4 == 0
+            else None
+        )
+        context: dict[str, str] = {}
+        if i % 3:
+            context["traceparent"] = f"00-{TRACE:032x}-{SPAN:016x}-01"
+        if i % 7 == 1:
+            context["tracestate"] = "vendor=a1,other=b2"
+        tracer.start(ex, context)
+        ex.request_id = f"req-{i}-✓"
+        ex.path = "/v1/chat/completions" + "/x" * (600 if i == 5 else i % 2)
+        if i % 2:
+            ex.fail("rate_limited", "slow down")
+            ex.status = 429
+        if i % 5 == 2:
+            ex.fail("upstream_timeout")
+            ex.status = 504
+        if i % 6 == 3:
+            ex.operation = ex.request_model = None
+        if i % 6 == 4:
+            ex.request_model = None
+        if i % 8 == 5:
+            ex.route = None
+        if i % 9 == 6:
+            ex.cache_result = "miss"
+        if i % 4 == 3:
+            ex.stream, ex.t_first_token = False, None
+        if i % 5 == 1:
+            ex.response_model = ex.response_id = ex.usage_source = None
+            ex.input_tokens = ex.output_tokens = ex.reasoning_tokens = None
+            ex.finish_reasons = []
+        if i % 10 == 7:
+            ex.prompt_fingerprint = None
+        attempts = (i % 3) if i % 11 else 0
+        for k in range(attempts):
+            add_attempt(tracer, ex, 0.1 * k, 0.1 * k + 0.05, status=(500, 200)[k % 2])
+        if attempts and i % 4 == 1:
+            ex.attempts[-1].ended = None
+            ex.attempts[-1].error_type = "client_disconnected"
+        if i == 47:
+            ex.ended = None  # still running when copied: ends now
+        out.append(ex)
+    return out
+
+
+def test_direct_encoding_is_the_sdks() -> None:
+    resource = Resource({"service.name": "llmproxy", "n": 1}, "https://schema/1")
+    copies = [spans.copy(ex) for ex in shaped_exchanges()]
+    batch = spans.SpanBatch(copies, resource, _SCOPE)
+    built = list(batch)
+    assert len(batch) == len(built) == sum(1 + len(c[-1]) for c in copies)
+    assert {s.kind for s in built} == {SpanKind.SERVER, SpanKind.CLIENT}
+    assert any(s.context.trace_state for s in built)
+    assert batch.to_bytes() == sdk_encode_spans(built).SerializeToString()
+    # Each copy alone too: the grouping of a batch hides no span's bytes.
+    for copied in copies:
+        one = spans.SpanBatch([copied], resource, _SCOPE)
+        assert one.to_bytes() == sdk_encode_spans(list(one)).SerializeToString()
+    # The exporters' entry points take the batch as it is.
+    assert otlp.encode_spans_serialized(batch) == batch.to_bytes()
+    assert otlp.encode_spans(batch) == sdk_encode_spans(built)
+
+
 def test_events_and_links_go_to_the_sdk_encoder() -> None:
     (base,) = proxy_spans(1)[:1]
     span = ReadableSpan(
@@ -144,6 +216,30 @@ def test_install_replaces_the_exporters_encoder(
         monkeypatch.setattr(module, "encode_spans", len)
         assert not otlp.install(name)
         assert module.encode_spans is len
+
+
+def test_direct_encoding_several_times_faster_than_the_sdk() -> None:
+    exchanges = shaped_exchanges() * 4
+    resource = Resource({"service.name": "llmproxy"})
+
+    def best(run: object) -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            run()  # type: ignore[operator]
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def direct() -> None:
+        copies = [spans.copy(ex) for ex in exchanges]
+        spans.SpanBatch(copies, resource, _SCOPE).to_bytes()
+
+    def sdk() -> None:
+        copies = [spans.copy(ex) for ex in exchanges]
+        sdk_encode_spans(list(spans.SpanBatch(copies, resource, _SCOPE)))
+
+    # Copy to bytes against copy to SDK spans to the SDK's encoding, in one run.
+    assert best(direct) * 4 < best(sdk)
 
 
 def test_several_times_faster_than_the_sdk() -> None:

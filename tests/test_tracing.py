@@ -476,6 +476,56 @@ def test_full_queue_drops_and_counts() -> None:
     assert len(exporter.exported) + tracer.dropped == 10
 
 
+class BatchesExporter(SpanExporter):
+    """Keeps the size of each batch it is given, and the spans."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.sizes: list[int] = []
+        self.spans: list[ReadableSpan] = []
+        self.delay = delay
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        time.sleep(self.delay)  # a collector's round trip
+        self.sizes.append(len(spans))
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
+def test_export_thread_sends_full_batches_then_the_rest_at_shutdown() -> None:
+    exporter = BatchesExporter(delay=0.05)
+    # The schedule never comes round: only full batches and shutdown export.
+    tracer = Tracer(exporter, Resource({}), max_export_batch_size=4, schedule_delay=60)
+    for _ in range(5):  # a SERVER and a CLIENT span each: ten spans
+        ex = chat_exchange()
+        tracer.start(ex, {})
+        add_attempt(tracer, ex, 0.0, 0.5)
+        tracer.sink(ex)
+    deadline = time.monotonic() + 5
+    while sum(exporter.sizes) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # time enough for a wrong third, short, batch
+    # What arrived during the first export went out as a full batch, and the
+    # two spans left over wait for a batch to fill.
+    assert exporter.sizes == [4, 4] and tracer.queued == 2
+    tracer.shutdown()
+    assert exporter.sizes == [4, 4, 2] and tracer.queued == 0
+    kinds = [span.kind for span in exporter.spans]
+    assert kinds == [SpanKind.SERVER, SpanKind.CLIENT] * 5
+
+
+def test_export_thread_sends_what_is_queued_on_schedule() -> None:
+    exporter = BatchesExporter()
+    tracer = Tracer(exporter, Resource({}), schedule_delay=0.05)
+    ex = chat_exchange()
+    tracer.start(ex, {})
+    tracer.sink(ex)
+    deadline = time.monotonic() + 5
+    while not exporter.sizes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert exporter.sizes == [1]
+    tracer.shutdown()
+
+
 def test_shutdown_is_bounded_by_its_timeout() -> None:
     exporter = BlockedExporter()
     tracer = Tracer(exporter, Resource({}), schedule_delay=0.01)

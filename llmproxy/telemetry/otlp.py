@@ -3,19 +3,22 @@
 The exporters of the OpenTelemetry SDK build a protobuf object per span,
 attribute and value before serialising them: about 75 microseconds a span,
 which at two spans a request cost more CPU than forwarding the request. This
-encoder writes the same bytes directly (about a tenth of the time) and hands the
-exporters an ``ExportTraceServiceRequest`` parsed from them, so their transport,
-retries and headers are untouched. ``install`` puts it in place of the SDK's
-``encode_spans`` in the OTLP/HTTP or OTLP/gRPC trace exporter's module; where a
-version of that module has no such name, it does nothing and the SDK's own
-encoder runs. Spans with events or links, which llmproxy never makes, go to the SDK's
-encoder too. ``tests/test_otlp.py`` holds the output equal to the SDK's.
+encoder writes the same bytes directly, so the exporters' transport, retries and
+headers are untouched. ``install`` puts it in place of the SDK's
+``encode_spans`` in the OTLP/HTTP or OTLP/gRPC trace exporter's module (the HTTP
+exporter is handed the bytes as they are, gRPC's stub a message parsed from
+them); where a version of that module has no such name, it does nothing and the
+SDK's own encoder runs. Spans with events or links, which llmproxy never makes,
+go to the SDK's encoder too. A batch that is an ``Encodable`` writes itself (the
+proxy's own spans, see ``spans``) with the field writers below.
+``tests/test_otlp.py`` holds the output equal to the SDK's.
 """
 
 from __future__ import annotations
 
 import importlib
 import struct
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,12 +47,12 @@ _KIND = {
 }
 # Span.flags: the context's is-remote bit is known (0x100), and set (0x200).
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200
-_FIXED64 = struct.Struct("<Q").pack
+FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
 # Span fields that take few values, encoded once: kind (6), flags (16).
-_KIND_FIELD = {kind: b"\x30" + bytes((value,)) for kind, value in _KIND.items()}
-_LOCAL_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)
-_REMOTE_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
+KIND_FIELD = {kind: b"\x30" + bytes((value,)) for kind, value in _KIND.items()}
+LOCAL_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)
+REMOTE_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
 _DOUBLE = struct.Struct("<d").pack
 _U64 = (1 << 64) - 1
 # Encoded span attributes by (key, type, value); only the export thread uses it.
@@ -75,6 +78,15 @@ def install(module_name: str) -> bool:
     return True
 
 
+class Encodable(Sequence[ReadableSpan]):
+    """A batch of spans that can write its own export request, faster than the
+    spans it yields could be encoded one by one."""
+
+    @abstractmethod
+    def to_bytes(self) -> bytes:
+        """The batch as a serialised ``ExportTraceServiceRequest``."""
+
+
 class Serialized(bytes):
     """Encoded spans that answer the serialising calls an exporter makes of an
     ``ExportTraceServiceRequest``, without a parse and a re-serialisation."""
@@ -89,6 +101,8 @@ def encode_spans_serialized(
     spans: Sequence[ReadableSpan],
 ) -> Serialized | ExportTraceServiceRequest:
     """As ``encode_spans``, for an exporter that only serialises the request."""
+    if isinstance(spans, Encodable):
+        return Serialized(spans.to_bytes())
     if any(span.events or span.links for span in spans):
         request: ExportTraceServiceRequest = sdk_encode_spans(spans)
         return request
@@ -97,8 +111,11 @@ def encode_spans_serialized(
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
     """The export request for ``spans``, equal to the SDK's ``encode_spans``."""
-    if any(span.events or span.links for span in spans):
-        request: ExportTraceServiceRequest = sdk_encode_spans(spans)
+    request: ExportTraceServiceRequest
+    if isinstance(spans, Encodable):
+        request = ExportTraceServiceRequest.FromString(spans.to_bytes())
+    elif any(span.events or span.links for span in spans):
+        request = sdk_encode_spans(spans)
     else:
         request = ExportTraceServiceRequest.FromString(encode_spans_bytes(spans))
     return request
@@ -112,16 +129,20 @@ def encode_spans_bytes(spans: Sequence[ReadableSpan]) -> bytes:
     for span in spans:
         resource = _same(span.resource, groups, resources)
         scope = span.instrumentation_scope or None
-        groups[id(resource)][1].setdefault(scope, []).append(_span(span))
-    out = []
-    for resource, scopes in groups.values():
-        body = [_message(1, _resource(resource))]
-        for scope, encoded in scopes.items():
-            body.append(_message(2, _scope_spans(scope, encoded)))
-        if resource.schema_url:
-            body.append(_string(3, resource.schema_url))
-        out.append(_message(1, b"".join(body)))
-    return b"".join(out)
+        groups[id(resource)][1].setdefault(scope, []).append(span_bytes(span))
+    return b"".join(
+        resource_spans(resource, scopes) for resource, scopes in groups.values()
+    )
+
+
+def resource_spans(resource: Resource, scopes: Groups) -> bytes:
+    """Field 1 of the request: one resource and its encoded spans by scope."""
+    body = [_message(1, _resource(resource))]
+    for scope, encoded in scopes.items():
+        body.append(_message(2, _scope_spans(scope, encoded)))
+    if resource.schema_url:
+        body.append(_string(3, resource.schema_url))
+    return _message(1, b"".join(body))
 
 
 def _same(
@@ -165,7 +186,8 @@ def _scope(scope: InstrumentationScope | None) -> bytes:
     return b"".join(parts)
 
 
-def _span(span: ReadableSpan) -> bytes:
+def span_bytes(span: ReadableSpan) -> bytes:
+    """One span as ``ScopeSpans.spans`` holds it, without its field tag."""
     context = span.get_span_context()
     assert context is not None
     parent = span.parent
@@ -180,47 +202,51 @@ def _span(span: ReadableSpan) -> bytes:
             parts.append(_string(3, text))
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    name = span.name
-    if name:
-        encoded = _NAMES.get(name)
-        if encoded is None:
-            encoded = _string(5, name)
-            if len(_NAMES) >= _MAX_PAIRS:
-                _NAMES.clear()
-            _NAMES[name] = encoded
-        parts.append(encoded)
-    kind = _KIND_FIELD.get(span.kind)
+    if span.name:
+        parts.append(name_field(span.name))
+    kind = KIND_FIELD.get(span.kind)
     if kind is not None:
         parts.append(kind)
     if span.start_time:
-        parts.append(b"\x39" + _FIXED64(span.start_time))
+        parts.append(b"\x39" + FIXED64(span.start_time))
     if span.end_time:
-        parts.append(b"\x41" + _FIXED64(span.end_time))
+        parts.append(b"\x41" + FIXED64(span.end_time))
     parts += _span_attributes(span.attributes)
     if span.dropped_attributes:
         parts.append(b"\x50" + _varint(span.dropped_attributes))
     status = span.status
-    key = (status.status_code.value, status.description)
+    parts.append(status_field(status.status_code.value, status.description))
+    remote = parent is not None and parent.is_remote
+    parts.append(REMOTE_FLAGS if remote else LOCAL_FLAGS)
+    return b"".join(parts)
+
+
+def name_field(name: str) -> bytes:
+    """Span.name (field 5), kept encoded: names repeat from span to span."""
+    encoded = _NAMES.get(name)
+    if encoded is None:
+        encoded = _string(5, name)
+        if len(_NAMES) >= _MAX_PAIRS:
+            _NAMES.clear()
+        _NAMES[name] = encoded
+    return encoded
+
+
+def status_field(code: int, description: str | None = None) -> bytes:
+    """Span.status (field 15) of a status code's value, kept encoded."""
+    key = (code, description)
     encoded = _STATUSES.get(key)
     if encoded is None:
-        encoded = _message(15, _status(span))
+        parts = []
+        if description:
+            parts.append(_string(2, description))
+        if code:
+            parts.append(b"\x18" + _varint(code))
+        encoded = _message(15, b"".join(parts))
         if len(_STATUSES) >= _MAX_PAIRS:
             _STATUSES.clear()
         _STATUSES[key] = encoded
-    parts.append(encoded)
-    remote = parent is not None and parent.is_remote
-    parts.append(_REMOTE_FLAGS if remote else _LOCAL_FLAGS)
-    return b"".join(parts)
-
-
-def _status(span: ReadableSpan) -> bytes:
-    status = span.status
-    parts = []
-    if status.description:
-        parts.append(_string(2, status.description))
-    if status.status_code.value:
-        parts.append(b"\x18" + _varint(status.status_code.value))
-    return b"".join(parts)
+    return encoded
 
 
 def _attributes(field: int, attributes: Mapping[str, Any] | None) -> bytes:
@@ -236,28 +262,63 @@ def _attributes(field: int, attributes: Mapping[str, Any] | None) -> bytes:
 
 
 def _span_attributes(attributes: Mapping[str, Any] | None) -> list[bytes]:
-    """Field 9 of a span, one entry per attribute. Most attributes repeat from
-    span to span (operation, provider, model, route, status), so each encoded
-    pair is kept, by its key, type and value, for the next span."""
+    """Field 9 of a span, one entry per attribute (left out if its value has
+    no encoding)."""
     if not attributes:
         return []
     parts = []
-    cache = _PAIRS
     for key, value in attributes.items():
-        # The type is part of the key: True == 1 == 1.0, but each encodes apart.
-        pair = (key, value.__class__, value)
-        try:
-            encoded = cache.get(pair)
-        except TypeError:  # an unhashable value (a list): encoded every time
-            encoded = _pair(key, value)
-        else:
-            if encoded is None and (encoded := _pair(key, value)) is not None:
-                if len(cache) >= _MAX_PAIRS:
-                    cache.clear()
-                cache[pair] = encoded
+        encoded = attribute(key, value)
         if encoded is not None:
             parts.append(encoded)
     return parts
+
+
+def attribute(key: str, value: Any) -> bytes | None:
+    """One span attribute (field 9), or None if its value has no encoding (as
+    the SDK's encoder leaves it out). Most attributes repeat from span to span
+    (operation, provider, model, route, status), so each encoded pair is kept,
+    by its key, type and value, for the next span; ``fresh_string`` is for the
+    values that never repeat."""
+    # The type is part of the key: True == 1 == 1.0, but each encodes apart.
+    pair = (key, value.__class__, value)
+    try:
+        encoded = _PAIRS.get(pair)
+    except TypeError:  # an unhashable value (a list): encoded every time
+        return _pair(key, value)
+    if encoded is None and (encoded := _pair(key, value)) is not None:
+        if len(_PAIRS) >= _MAX_PAIRS:
+            _PAIRS.clear()
+        _PAIRS[pair] = encoded
+    return encoded
+
+
+def key_field(key: str) -> bytes:
+    """``KeyValue.key`` encoded, for ``fresh_string`` and ``fresh_double``."""
+    return _string(1, key)
+
+
+def fresh_string(key: bytes, text: str) -> bytes:
+    """A string attribute (field 9) from its encoded ``key_field``, not kept."""
+    data = text.encode()
+    size = len(data)
+    pair = len(key) + size + 4  # key, then the value's tag, length and AnyValue
+    if pair < 0x80:
+        return bytes((0x4A, pair)) + key + bytes((0x12, size + 2, 0x0A, size)) + data
+    return _message(9, key + _message(2, _message(1, data)))
+
+
+def fresh_double(key: bytes, value: float) -> bytes:
+    """A float attribute (field 9) from its encoded ``key_field``, not kept."""
+    pair = len(key) + 11
+    if pair < 0x80:
+        return bytes((0x4A, pair)) + key + b"\x12\x09\x21" + _DOUBLE(value)
+    return _message(9, key + b"\x12\x09\x21" + _DOUBLE(value))
+
+
+def fresh_attribute(key: str, value: Any) -> bytes | None:
+    """As ``attribute``, for a value that never repeats: not kept."""
+    return _pair(key, value)
 
 
 def _pair(key: str, value: Any) -> bytes | None:
@@ -301,8 +362,8 @@ def _string(field: int, text: str) -> bytes:
 def _message(field: int, data: bytes) -> bytes:
     """A length-delimited field: tag, length, bytes."""
     size = len(data)
-    if field < 16 and size < 0x80:
-        return bytes((field << 3 | 2, size)) + data
+    if field < 16 and size < _SIZES_KEPT:
+        return _TAGS[field] + _SIZES[size] + data
     return _varint(field << 3 | 2) + _varint(size) + data
 
 
@@ -315,3 +376,10 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+# The tags of length-delimited fields 0 to 15, and the varints of the lengths
+# most messages have, written once.
+_TAGS = [bytes((field << 3 | 2,)) for field in range(16)]
+_SIZES_KEPT = 4096
+_SIZES = [_varint(n) for n in range(_SIZES_KEPT)]

@@ -3,10 +3,12 @@
 On the request path the tracer only draws ids: ``start`` continues the client's
 ``traceparent`` (or starts a trace) and ``inject`` gives each upstream attempt a
 span id and forwards it. No span object exists while a request runs. ``sink``,
-a recorder sink, builds the spans from the finished ``Exchange`` with explicit
-timestamps and hands them to a batching processor, whose own thread exports
-them: a slow or absent collector costs a request nothing, and when the queue is
-full new spans are dropped and counted in ``Tracer.dropped``.
+a recorder sink, copies what the spans need off the finished ``Exchange``
+(``spans.copy``) onto a bounded queue, and the tracer's own thread exports the
+queue in batches: the spans are built there, with explicit timestamps, or
+written straight to OTLP (``spans.SpanBatch``). A slow or absent collector
+costs a request nothing, and when the queue is full an exchange's spans are
+dropped and counted in ``Tracer.dropped``.
 """
 
 from __future__ import annotations
@@ -14,47 +16,26 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from random import getrandbits
 
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SimpleSpanProcessor,
-    SpanExporter,
-    SpanExportResult,
-)
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
-from opentelemetry.semconv.attributes import (
-    error_attributes,
-    http_attributes,
-    server_attributes,
-    url_attributes,
-)
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
-from opentelemetry.trace.status import Status, StatusCode
-from opentelemetry.util.types import AttributeValue
 
 from .. import __version__
 from ..errors import ConfigError
 from ..exchange import Attempt, Exchange
 from ..tracecontext import header_values as _header_values
 from ..tracecontext import traceparent as _traceparent
-from . import otlp
+from . import otlp, spans
 
 log = logging.getLogger(__name__)
 
 _SAMPLED = 0x01
-_MAX_ATTRIBUTE = 128
-_MAX_PATH = 1024
 _SCOPE = InstrumentationScope("llmproxy", __version__)
-_ERROR = Status(StatusCode.ERROR)
-_UNSET = Status(StatusCode.UNSET)
-_FLAGS = {_SAMPLED: TraceFlags(_SAMPLED)}  # the flags of nearly every span
-
-Attributes = dict[str, AttributeValue]
 
 
 class Tracer:
@@ -79,19 +60,24 @@ class Tracer:
         self.dropped = 0
         self.sink_errors = 0
         self._exporter = _CountingExporter(exporter)
-        self._processor: SpanProcessor
-        if batch:
-            self._processor = BatchSpanProcessor(
-                self._exporter,
-                max_queue_size=max_queue_size,
-                schedule_delay_millis=schedule_delay * 1000,
-                max_export_batch_size=min(max_export_batch_size, max_queue_size),
-            )
-            self._capacity = max_queue_size
-        else:
-            self._processor = SimpleSpanProcessor(self._exporter)
-            self._capacity = 0
+        # Spans, counted by the event loop as it queues them and by the export
+        # thread as it takes them: each int has one writer, so neither needs a lock.
         self._emitted = 0
+        self._taken = 0
+        self._queue: deque[spans.Copy] = deque()
+        self._capacity = max_queue_size if batch else 0
+        self._batch_size = max(1, min(max_export_batch_size, max_queue_size))
+        self._delay = schedule_delay
+        self._wake = threading.Event()
+        self._woken = False
+        self._stopping = False
+        self._export_errors = 0
+        self._thread: threading.Thread | None = None
+        if batch:
+            self._thread = threading.Thread(
+                target=self._run, name="llmproxy-tracing-export", daemon=True
+            )
+            self._thread.start()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Tracer | None:
@@ -132,9 +118,7 @@ class Tracer:
     @property
     def queued(self) -> int:
         """Spans waiting for the export thread."""
-        if not self._capacity:
-            return 0
-        return self._emitted - self._exporter.taken
+        return self._emitted - self._taken
 
     @property
     def export_failed(self) -> int:
@@ -172,13 +156,14 @@ class Tracer:
             del headers["tracestate"]
 
     def sink(self, ex: Exchange) -> None:
-        """Build and queue the exchange's spans; never raises (a recorder sink)."""
+        """Queue the exchange's spans for export; never raises (a recorder sink)."""
         try:
-            flags, state = ex.trace_flags, ex.trace_state
-            if not (self.enabled and ex.trace_id and flags & _SAMPLED):
+            if not (self.enabled and ex.trace_id and ex.trace_flags & _SAMPLED):
                 return
-            for span in self._spans(ex, flags, state):
-                self._emit(span)
+            copied = spans.copy(ex)
+            if self._thread is None:
+                self._export([copied])
+                return
         except Exception:
             self.sink_errors += 1
             if self.sink_errors == 1:  # the same fault would repeat every request
@@ -186,93 +171,76 @@ class Tracer:
                     "tracing.sink_failed",
                     extra={"fields": {"request_id": ex.request_id}},
                 )
+            return
+        count = spans.count(copied)
+        queued = self._emitted - self._taken + count
+        if queued > self._capacity:
+            # The newest spans are refused, where they can be counted, and an
+            # exchange's spans go together or not at all.
+            self.dropped += count
+            if self.on_drop is not None:
+                self.on_drop(count)
+            return
+        self._emitted += count
+        self._queue.append(copied)
+        if queued >= self._batch_size and not self._woken:
+            self._woken = True
+            self._wake.set()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Export what is queued and stop, blocking for at most ``timeout`` seconds."""
         if not self.enabled:
             return
         self.enabled = False
-        # The processor's own shutdown waits up to 30 s on a slow collector.
-        closer = threading.Thread(
-            target=self._processor.shutdown,
-            name="llmproxy-tracing-shutdown",
-            daemon=True,
-        )
-        closer.start()
-        closer.join(timeout)
-        if closer.is_alive():
-            log.warning(
-                "tracing.shutdown_timeout",
-                extra={"fields": {"timeout_s": timeout, "queued": self.queued}},
-            )
-            # Ends the exporter's retries, so the export thread stops soon too.
-            self._exporter.shutdown()
-
-    def _emit(self, span: ReadableSpan) -> None:
-        # The processor would drop its oldest span silently when full; the newest
-        # is refused here instead, where it can be counted. ``queued`` counts a
-        # batch until its export begins, so it never underestimates the queue and
-        # the processor itself never drops.
-        if self._capacity and self.queued >= self._capacity:
-            self.dropped += 1
-            if self.on_drop is not None:
-                self.on_drop(1)
-            return
-        self._emitted += 1
-        self._processor.on_end(span)
-
-    def _spans(self, ex: Exchange, flags: int, state: str | None) -> list[ReadableSpan]:
-        trace_flags = _FLAGS.get(flags) or TraceFlags(flags)
-        trace_state = TraceState.from_header([state]) if state else None
-        trace_id, started = ex.trace_id, ex.started
-        base_ns = int(ex.started_wall * 1e9)
-        server = SpanContext(trace_id, ex.span_id, False, trace_flags, trace_state)
-        parent = None
-        if ex.parent_span_id:
-            parent = SpanContext(
-                trace_id, ex.parent_span_id, True, trace_flags, trace_state
-            )
-        attribution = _attribution(ex)
-        end_ns = base_ns + int(ex.duration * 1e9)
-        spans = [
-            ReadableSpan(
-                f"{ex.method} {ex.route or 'unrouted'}",
-                context=server,
-                parent=parent,
-                resource=self.resource,
-                attributes=_server_attributes(ex) | attribution,
-                kind=SpanKind.SERVER,
-                status=_server_status(ex),
-                start_time=base_ns,
-                end_time=end_ns,
-                instrumentation_scope=_SCOPE,
-            )
-        ]
-        last = len(ex.attempts) - 1
-        for i, attempt in enumerate(ex.attempts):
-            ended = attempt.ended if attempt.ended is not None else ex.ended
-            span_id = attempt.span_id or getrandbits(64) or 1
-            spans.append(
-                ReadableSpan(
-                    _client_name(ex),
-                    context=SpanContext(
-                        trace_id, span_id, False, trace_flags, trace_state
-                    ),
-                    parent=server,
-                    resource=self.resource,
-                    attributes=_client_attributes(ex, attempt, i == last) | attribution,
-                    kind=SpanKind.CLIENT,
-                    status=_ERROR if attempt.error_type else _UNSET,
-                    start_time=base_ns + int((attempt.started - started) * 1e9),
-                    end_time=(
-                        end_ns
-                        if ended is None
-                        else base_ns + int((ended - started) * 1e9)
-                    ),
-                    instrumentation_scope=_SCOPE,
+        thread = self._thread
+        if thread is not None:
+            self._stopping = True
+            self._wake.set()
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning(
+                    "tracing.shutdown_timeout",
+                    extra={"fields": {"timeout_s": timeout, "queued": self.queued}},
                 )
-            )
-        return spans
+        # Also ends the retries of an export still running, so its thread stops.
+        self._exporter.shutdown()
+
+    def _run(self) -> None:
+        """The export thread: batches while the queue holds a full one, and all
+        that is queued every ``schedule_delay`` seconds and at shutdown."""
+        while True:
+            woken = self._wake.wait(self._delay)
+            self._wake.clear()
+            self._woken = False
+            stopping = self._stopping
+            # Woken by a full batch, export full batches only: what arrives during
+            # an export waits to fill one, rather than going out in small ones.
+            self._drain(self._batch_size if woken and not stopping else 1)
+            if stopping:
+                return
+
+    def _drain(self, least: int) -> None:
+        """Export batches while at least ``least`` spans are queued."""
+        queue, size = self._queue, self._batch_size
+        while queue and self.queued >= least:
+            batch: list[spans.Copy] = []
+            count = 0
+            while queue and count < size:
+                copied = queue.popleft()
+                batch.append(copied)
+                count += spans.count(copied)
+            # Taken before the export begins: a stuck collector holds one batch
+            # out of the queue, and what it holds no longer counts against it.
+            self._taken += count
+            try:
+                self._export(batch)
+            except Exception:
+                self._export_errors += 1
+                if self._export_errors == 1:
+                    log.exception("tracing.export_failed")
+
+    def _export(self, batch: list[spans.Copy]) -> None:
+        self._exporter.export(spans.SpanBatch(batch, self.resource, _SCOPE))
 
 
 class _CountingExporter(SpanExporter):
@@ -280,21 +248,18 @@ class _CountingExporter(SpanExporter):
 
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
-        # Written only by the processor's export thread (or under its export
-        # lock), read by the event loop: a plain int needs no lock.
-        self.taken = 0
+        # Written only by the export thread, read by the event loop.
         self.failed = 0
         self._closed = False
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.taken += len(spans)
+    def export(self, batch: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
-            result = self.inner.export(spans)
+            result = self.inner.export(batch)
         except Exception:
-            self.failed += len(spans)
+            self.failed += len(batch)
             raise
         if result is not SpanExportResult.SUCCESS:
-            self.failed += len(spans)
+            self.failed += len(batch)
         return result
 
     def shutdown(self) -> None:
@@ -304,110 +269,6 @@ class _CountingExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.inner.force_flush(timeout_millis)
-
-
-def _attribution(ex: Exchange) -> Attributes:
-    attrs: Attributes = {}
-    if ex.prompt_fingerprint:
-        attrs["llmproxy.prompt.fingerprint"] = ex.prompt_fingerprint
-    # The values the proxy checked at the boundary, never the raw headers: the
-    # only request headers that reach a span, and credentials never do.
-    if ex.tenant:
-        attrs["llmproxy.tenant"] = ex.tenant[:_MAX_ATTRIBUTE]
-    if ex.prompt_version:
-        attrs["llmproxy.prompt.version"] = ex.prompt_version[:_MAX_ATTRIBUTE]
-    return attrs
-
-
-def _server_attributes(ex: Exchange) -> Attributes:
-    attrs: Attributes = {
-        http_attributes.HTTP_REQUEST_METHOD: ex.method,
-        url_attributes.URL_PATH: ex.path[:_MAX_PATH],
-        "llmproxy.request_id": ex.request_id,
-    }
-    if ex.route:
-        attrs[http_attributes.HTTP_ROUTE] = ex.route
-        attrs["llmproxy.route"] = ex.route
-    if ex.status:
-        attrs[http_attributes.HTTP_RESPONSE_STATUS_CODE] = ex.status
-    if ex.error_type:
-        attrs[error_attributes.ERROR_TYPE] = ex.error_type
-    if ex.cache_result:
-        attrs["llmproxy.cache"] = ex.cache_result
-    return attrs
-
-
-def _server_status(ex: Exchange) -> Status:
-    # HTTP semconv: a 4xx is the client's doing, not a failure of the server span;
-    # the CLIENT span of a rejected attempt still carries the error.
-    if ex.error_type and not 400 <= ex.status < 500:
-        return _ERROR
-    return _UNSET
-
-
-def _client_name(ex: Exchange) -> str:
-    if not ex.operation:
-        return ex.method
-    if ex.request_model:
-        return f"{ex.operation} {ex.request_model}"
-    return ex.operation
-
-
-def _client_attributes(ex: Exchange, attempt: Attempt, last: bool) -> Attributes:
-    attrs: Attributes = {
-        server_attributes.SERVER_ADDRESS: attempt.server_address,
-        server_attributes.SERVER_PORT: attempt.server_port,
-        "llmproxy.upstream": attempt.upstream,
-        "llmproxy.request_id": ex.request_id,
-    }
-    if ex.route:
-        attrs["llmproxy.route"] = ex.route
-    if attempt.status:
-        attrs[http_attributes.HTTP_RESPONSE_STATUS_CODE] = attempt.status
-    if attempt.error_type:
-        attrs[error_attributes.ERROR_TYPE] = attempt.error_type
-    if not ex.operation:
-        attrs[http_attributes.HTTP_REQUEST_METHOD] = ex.method
-        return attrs
-
-    attrs[gen_ai.GEN_AI_OPERATION_NAME] = ex.operation
-    attrs[gen_ai.GEN_AI_REQUEST_STREAM] = ex.stream
-    if ex.provider:
-        attrs[gen_ai.GEN_AI_PROVIDER_NAME] = ex.provider
-    if ex.request_model:
-        attrs[gen_ai.GEN_AI_REQUEST_MODEL] = ex.request_model
-    if last:  # only the attempt whose response the client got has these
-        _add_response(attrs, ex, attempt)
-    return attrs
-
-
-def _add_response(attrs: Attributes, ex: Exchange, attempt: Attempt) -> None:
-    # In this order on the span; each only when known.
-    if ex.response_model is not None:
-        attrs[gen_ai.GEN_AI_RESPONSE_MODEL] = ex.response_model
-    if ex.response_id is not None:
-        attrs[gen_ai.GEN_AI_RESPONSE_ID] = ex.response_id
-    for key, attr in _USAGE_ATTRIBUTES:
-        count = getattr(ex, attr)
-        if count is not None:
-            attrs[key] = count
-    if ex.usage_source is not None:
-        attrs["llmproxy.usage_source"] = ex.usage_source
-    if ex.finish_reasons:
-        attrs[gen_ai.GEN_AI_RESPONSE_FINISH_REASONS] = tuple(ex.finish_reasons)
-    if ex.stream and ex.t_first_token is not None:
-        attrs[gen_ai.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = (
-            ex.t_first_token - attempt.started
-        )
-
-
-_USAGE_ATTRIBUTES = (
-    (gen_ai.GEN_AI_USAGE_INPUT_TOKENS, "input_tokens"),
-    (gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS, "output_tokens"),
-    (gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, "cached_input_tokens"),
-    (gen_ai.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, "cache_creation_input_tokens"),
-    (gen_ai.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning_tokens"),
-)
 
 
 def _default_resource() -> Resource:
