@@ -10,13 +10,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import wrk
 import yaml
-from plan import SLOW_COLLECTOR_S, WORKLOAD, WORKLOADS, Target, Workload
+from plan import (
+    ROUNDS_WORKLOADS,
+    SLOW_COLLECTOR_S,
+    WORKLOAD,
+    WORKLOADS,
+    Target,
+    Workload,
+)
 from plan import llmproxy_config as make_config
 from processes import (
     ROOT,
@@ -161,6 +168,51 @@ class Bench:
             result["collector_received"] = received
         return result
 
+    def interleaved(
+        self, targets: Sequence[Target], rounds: int
+    ) -> dict[str, dict[str, Any]]:
+        """Every workload of every target, the targets all started at once and
+        taking turns: each workload runs on each target in turn, ``rounds`` times
+        over for the throughput workloads, and the median round is kept. A shared
+        machine's drift then falls on all the targets alike, not on whichever
+        happened to run while it was busy."""
+        results: dict[str, dict[str, Any]] = {}
+        running: dict[str, Running] = {}
+        measured: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        try:
+            for target in targets:
+                try:
+                    running[target.name] = self.start(target)
+                except TargetUnavailable as exc:
+                    results[target.name] = skipped(target, exc)
+            for each in running.values():
+                self.warm_up(each.url)
+            for workload in WORKLOADS:
+                turns = rounds if workload.name in ROUNDS_WORKLOADS else 1
+                for _ in range(turns):
+                    for name, each in running.items():
+                        names = each.target.workloads
+                        if names is None or workload.name in names:
+                            result = self.workload(each, workload, each.url)
+                            rows = measured.setdefault(name, {})
+                            rows.setdefault(workload.name, []).append(result)
+            for name, each in running.items():
+                results[name] = {
+                    "status": "ok",
+                    "workloads": {
+                        workload: median_round(tries)
+                        for workload, tries in measured.get(name, {}).items()
+                    },
+                    "peak_rss_kb": each.peak_rss_kb or None,
+                    "telemetry": self.telemetry(each),
+                }
+        finally:
+            for name, each in running.items():
+                received = self.stop(each)
+                if received is not None and name in results:
+                    results[name]["collector_received"] = received
+        return {t.name: results[t.name] for t in targets if t.name in results}
+
     def warm_up(self, url: str) -> None:
         """Let the target open connections and fill caches before it is measured."""
         for name in ("nonstream_c16", "stream_c16"):
@@ -262,6 +314,18 @@ def client_result(stdout: bytes) -> dict[str, Any]:
     result["tool"] = "stream_client"
     result["latency_ms"] = result["total_ms"]
     return result
+
+
+def median_round(tries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round of median throughput (the lower of the two middle ones), with
+    every round's throughput in run order under ``rounds_per_s``."""
+    done = [t for t in tries if "rate_per_s" in t]
+    if not done:
+        return tries[0]
+    chosen = dict(sorted(done, key=lambda t: t["rate_per_s"])[(len(done) - 1) // 2])
+    if len(tries) > 1:
+        chosen["rounds_per_s"] = [t.get("rate_per_s") for t in tries]
+    return chosen
 
 
 def skipped(target: Target, exc: TargetUnavailable) -> dict[str, Any]:

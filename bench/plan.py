@@ -52,6 +52,9 @@ WORKLOADS = (
     Workload("paced_c64", 64, stream=True, pace_ms=20, tokens=16),
 )
 WORKLOAD = {w.name: w for w in WORKLOADS}
+# The workloads whose throughput the bar compares: run in rounds in the main table.
+ROUNDS_WORKLOADS = ("nonstream_c16", "nonstream_c1", "stream_c16")
+ROUNDS = 3
 
 # The main table: two baselines and llmproxy with its telemetry off and on.
 TARGETS = (

@@ -1,11 +1,12 @@
 """Benchmark llmproxy against the simulated provider itself and a bare aiohttp proxy.
 
-    python bench/run.py [--quick] [--scenarios main,collector,dead-upstream,memory]
+    python bench/run.py [--quick] [--rounds N] [--scenarios main,collector,...]
 
 Every target is measured alone on one core (``taskset -c``); the load generators
-and the provider behind the proxies share another. Raw figures go to a JSON file
-and Markdown tables of figures and ratios are printed. bench/README.md says what
-is measured.
+and the provider behind the proxies share another. In the main table the targets
+take turns, round after round, and the median round of each is kept. Raw
+figures go to a JSON file and Markdown tables of figures and ratios are printed.
+bench/README.md says what is measured.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def metadata(
         "quick": args.quick,
         "scenarios": list(args.scenarios),
         "seconds_per_workload": seconds,
+        "rounds": args.rounds,
         "memory_streams": args.streams,
         "cores": vars(cores),
         "unary_load_generator": "wrk" if shutil.which("wrk") else "stream_client.py",
@@ -80,6 +82,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, help="seconds per workload")
     names = ",".join(t.name for t in plan.TARGETS)
     parser.add_argument("--targets", default=names, help=f"subset of {names}")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds of each throughput workload in the main table, the targets"
+        f" taking turns; the median is kept (default {plan.ROUNDS}; with --quick, 1)",
+    )
     every = ",".join(plan.SCENARIOS)
     parser.add_argument(
         "--scenarios",
@@ -97,6 +105,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.scenarios = plan.scenarios(args.scenarios, args.quick)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else plan.ROUNDS
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.streams is None:
         args.streams = plan.MEMORY_STREAMS_QUICK if args.quick else plan.MEMORY_STREAMS
     return args
@@ -148,9 +160,8 @@ def run_scenarios(
 ) -> None:
     """Each selected scenario in turn, its results filed under ``results``."""
     if "main" in args.scenarios:
-        for target in plan.TARGETS:
-            if target.name in args.targets.split(","):
-                results["targets"][target.name] = bench.target(target)
+        chosen = [t for t in plan.TARGETS if t.name in args.targets.split(",")]
+        results["targets"] = bench.interleaved(chosen, args.rounds)
     if "collector" in args.scenarios:
         for target in plan.COLLECTOR_TARGETS:
             results["collector"][target.name] = bench.target(target)
