@@ -69,6 +69,8 @@ class SSEReader:
 
         events: list[Event] = []
         start = 0
+        if not self._data and not self._name:
+            start = _whole_events(buf, events)
         while (end := buf.find(b"\n", start)) >= 0:
             self._line(buf[start:end], events)
             start = end + 1
@@ -116,3 +118,19 @@ class SSEReader:
         self._buf = b""
         self._data = []
         self._size = 0
+
+
+def _whole_events(buf: bytes, events: list[Event]) -> int:
+    """The usual case, read without going line by line: events of one
+    ``data: `` line each, ended by a blank line, as providers send them. Appends
+    those at the start of ``buf`` to ``events`` and returns where the rest
+    begins, which the line-by-line reader takes from there (any other field, a
+    comment, a second data line, an event not ended yet)."""
+    start = 0
+    while buf.startswith(b"data: ", start):
+        end = buf.find(b"\n", start + 6)
+        if end < 0 or buf[end + 1 : end + 2] != b"\n":
+            break
+        events.append(("message", buf[start + 6 : end]))
+        start = end + 2
+    return start

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmproxy import sse
 from llmproxy.sse import DEFAULT_MAX_EVENT_BYTES, Event, SSEReader
 
 PROPERTY = settings(max_examples=200, deadline=None)
@@ -398,6 +399,27 @@ def test_arbitrary_bytes_split_anywhere_parse_like_whole(
 
     assert split == whole
     assert all(isinstance(n, str) and isinstance(d, bytes) for n, d in split)
+
+
+@PROPERTY
+@given(blob=_any_bytes, data=st.data())
+def test_the_fast_path_for_whole_events_reads_as_line_by_line(
+    blob: bytes, data: st.DataObject
+) -> None:
+    chunks = split_at(blob, data)
+    fast = parse(chunks)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sse, "_whole_events", lambda buf, events: 0)
+        slow = parse(chunks)
+    assert fast == slow
+
+
+def test_the_fast_path_hands_over_mid_event() -> None:
+    reader = SSEReader()
+    # Two whole events, then one with a second field, then one cut short.
+    events = reader.feed(b"data: a\n\ndata: b\n\ndata: c\nid: 7\n\ndata: d")
+    assert events == [("message", b"a"), ("message", b"b"), ("message", b"c")]
+    assert reader.feed(b"\n\n") == [("message", b"d")]
 
 
 @PROPERTY

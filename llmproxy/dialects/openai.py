@@ -19,8 +19,6 @@ from .common import loads as _loads
 from .common import message as _message
 
 _RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-_NULL_MARKS = (b'"usage":null', b'"usage": null')
-_FINISH_NULL = (b'"finish_reason":null', b'"finish_reason": null')
 
 
 def operation_for(path: str) -> str | None:
@@ -51,12 +49,20 @@ def stream_event(ex: Exchange, name: str, data: bytes) -> None:
         if obj is not None:
             _chunk(ex, obj, first=ex.response_model is None)
         return
-    if b'"usage"' in data and not any(m in data for m in _NULL_MARKS):
+    # Plain ``in`` tests rather than any() over the spellings: this runs for
+    # every event of every stream.
+    if (
+        b'"usage"' in data
+        and b'"usage":null' not in data
+        and b'"usage": null' not in data
+    ):
         ex.pending_usage = data
     if b'"refusal":"' in data:
         ex.refusal = True
     if (
-        b'"finish_reason"' in data and not any(m in data for m in _FINISH_NULL)
+        b'"finish_reason"' in data
+        and b'"finish_reason":null' not in data
+        and b'"finish_reason": null' not in data
     ) or b'"error"' in data:
         obj = _loads(ex, data)
         if obj is not None:

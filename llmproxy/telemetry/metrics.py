@@ -215,6 +215,17 @@ class Buckets:
         child._sum.set(self.sum)
 
 
+class _AttemptTallies:
+    """The histograms one upstream attempt of a GenAI operation observes."""
+
+    __slots__ = ("headers_time", "op_duration", "queue_wait")
+
+    def __init__(self, queue_wait: Buckets, op_duration: Buckets) -> None:
+        self.queue_wait = queue_wait
+        self.op_duration = op_duration
+        self.headers_time: Buckets | None = None
+
+
 class Metrics:
     """The proxy's Prometheus metrics, fed one finished exchange at a time."""
 
@@ -258,6 +269,12 @@ class Metrics:
         self._spans_failed_seen = 0
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._tallied: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # The tallies one exchange updates together, found with one lookup by
+        # the labels they share rather than one per metric: per requests label
+        # set, per attempt's labels, per token usage's labels and token type.
+        self._heads: dict[tuple[str, ...], tuple[Count, Buckets]] = {}
+        self._attempts: dict[tuple[Any, ...], _AttemptTallies] = {}
+        self._tokens: dict[tuple[Any, ...], dict[str, tuple[Count, Buckets]]] = {}
         self._cache: ResponseCache | None = None
         self._genai(r)
         self._proxy(r)
@@ -565,8 +582,7 @@ class Metrics:
         stream = "true" if ex.stream else "false"
         extra = self._attribution(ex)
 
-        self._tally(
-            self.requests,
+        labels = (
             route,
             upstream,
             model,
@@ -574,8 +590,15 @@ class Metrics:
             f"{ex.status // 100}xx",
             ex.error_type or "",
             *extra,
-        ).inc()
-        self._tally(self.duration, route, upstream, stream).observe(ex.duration)
+        )
+        head = self._heads.get(labels)
+        if head is None:
+            head = self._heads[labels] = (
+                self._tally(self.requests, *labels),
+                self._tally(self.duration, route, upstream, stream),
+            )
+        head[0].inc()
+        head[1].observe(ex.duration)
         if ex.error_type:
             self._tally(self.errors, route, upstream, ex.error_type).inc()
         if ex.parse_error_kind:
@@ -638,18 +661,31 @@ class Metrics:
         )
 
     def _attempt(self, ex: Exchange, attempt: Attempt, genai: tuple[str, ...]) -> None:
-        self._tally(self.queue_wait, attempt.upstream).observe(attempt.queue_wait)
-        if attempt.t_headers is not None:
-            self._tally(self.headers_time, attempt.upstream).observe(
-                attempt.t_headers - attempt.started
-            )
         if ex.operation is None:
+            self._tally(self.queue_wait, attempt.upstream).observe(attempt.queue_wait)
+            if attempt.t_headers is not None:
+                self._tally(self.headers_time, attempt.upstream).observe(
+                    attempt.t_headers - attempt.started
+                )
             return
         labels = (*genai[:5], attempt.upstream)
+        key = (labels, attempt.error_type)
+        tallies = self._attempts.get(key)
+        if tallies is None:
+            tallies = self._attempts[key] = _AttemptTallies(
+                self._tally(self.queue_wait, attempt.upstream),
+                self._tally(self.op_duration, *labels, attempt.error_type or ""),
+            )
+        tallies.queue_wait.observe(attempt.queue_wait)
+        if attempt.t_headers is not None:
+            headers_time = tallies.headers_time
+            if headers_time is None:  # made when an attempt first has headers
+                headers_time = tallies.headers_time = self._tally(
+                    self.headers_time, attempt.upstream
+                )
+            headers_time.observe(attempt.t_headers - attempt.started)
         ended = attempt.ended or ex.ended or attempt.started
-        self._tally(self.op_duration, *labels, attempt.error_type or "").observe(
-            ended - attempt.started
-        )
+        tallies.op_duration.observe(ended - attempt.started)
         if attempt is ex.attempts[-1] and ex.stream:
             self._chunks(ex, attempt, labels)
 
@@ -679,14 +715,25 @@ class Metrics:
             if ex.usage_source is None:
                 return
         source = "injected" if ex.usage_injected else ex.usage_source or "provider"
+        key = (source, extra, genai)
+        by_type = self._tokens.get(key)
+        if by_type is None:
+            by_type = self._tokens[key] = {}
         for token_type, attr in TOKEN_FIELDS:
             count = getattr(ex, attr)
             if count is None:
                 continue
-            self._tally(
-                self.tokens, route, upstream, model, token_type, source, *extra
-            ).inc(count)
-            self._tally(self.token_usage, *genai, token_type).observe(count)
+            # Made on first use: a token type never reported shows no series.
+            pair = by_type.get(token_type)
+            if pair is None:
+                pair = by_type[token_type] = (
+                    self._tally(
+                        self.tokens, route, upstream, model, token_type, source, *extra
+                    ),
+                    self._tally(self.token_usage, *genai, token_type),
+                )
+            pair[0].inc(count)
+            pair[1].observe(count)
         cost = self.prices.cost(ex.response_model or ex.request_model, ex)
         if cost is None:
             self._tally(self.unpriced, route, upstream, model).inc()
