@@ -21,6 +21,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import check  # noqa: E402
+import harness  # noqa: E402
 
 
 def workload(rate: float, p50: float, gap: float = 20.0, ttft: float = 22.0) -> Any:
@@ -95,6 +96,20 @@ def test_a_missing_target_fails_unless_skips_are_allowed() -> None:
     results["targets"]["llmproxy-full"] = {"status": "skipped", "reason": "no"}
     assert any("did not run" in p for p in check.violations(results, False))
     assert check.violations(results, allow_skip=True) == []
+
+
+def test_the_median_round_is_kept_with_every_rounds_rate() -> None:
+    rounds = [workload(rate, p50) for rate, p50 in ((900, 1.0), (500, 3.0), (700, 2))]
+    kept = harness.median_round(rounds)
+    assert kept["rate_per_s"] == 700 and kept["latency_ms"]["p50"] == 2
+    assert kept["rounds_per_s"] == [900, 500, 700]
+    # Of an even count, the lower middle; a failed round is never the one kept.
+    failed = {"failed": "wrk exited 1"}
+    kept = harness.median_round([failed, workload(800, 1), workload(600, 1)])
+    assert kept["rate_per_s"] == 600 and kept["rounds_per_s"] == [None, 800, 600]
+    assert harness.median_round([failed]) == failed
+    # One round is reported as it is.
+    assert "rounds_per_s" not in harness.median_round([workload(5, 1)])
 
 
 @pytest.mark.slow
