@@ -15,7 +15,7 @@ format instead, without a span object. Both ways come from the same copy, and
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from random import getrandbits
 from typing import Any, overload
 
@@ -37,6 +37,7 @@ from ..exchange import Exchange
 from . import otlp
 
 MAX_ATTRIBUTE = 128
+PAUSE_EVERY = 32  # copies encoded between pauses: about half a millisecond
 MAX_PATH = 1024
 _ERROR = Status(StatusCode.ERROR)
 _UNSET = Status(StatusCode.UNSET)
@@ -111,11 +112,18 @@ class SpanBatch(otlp.Encodable):
     """Copies of finished exchanges, as their spans for an exporter."""
 
     def __init__(
-        self, copies: list[Copy], resource: Resource, scope: InstrumentationScope
+        self,
+        copies: list[Copy],
+        resource: Resource,
+        scope: InstrumentationScope,
+        pause: Callable[[], None] | None = None,
     ) -> None:
+        """``pause`` is called between slices of ``PAUSE_EVERY`` copies while the
+        batch is encoded (the export thread's way of letting the event loop in)."""
         self.copies = copies
         self.resource = resource
         self.scope = scope
+        self.pause = pause
         self._count = sum(map(count, copies))
         self._spans: list[ReadableSpan] | None = None
 
@@ -145,7 +153,10 @@ class SpanBatch(otlp.Encodable):
 
     def to_bytes(self) -> bytes:
         encoded: list[bytes] = []
-        for copied in self.copies:
+        pause = self.pause
+        for i, copied in enumerate(self.copies):
+            if pause is not None and i and not i % PAUSE_EVERY:
+                pause()
             if copied[4]:  # a trace state: rare, and TraceState normalises it
                 spans = readable(copied, self.resource, self.scope)
                 encoded += map(otlp.span_bytes, spans)
