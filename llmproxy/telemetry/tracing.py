@@ -272,7 +272,7 @@ class _CountingExporter(SpanExporter):
         return result
 
     def shutdown(self) -> None:
-        if not self._closed:  # called by Tracer.shutdown and the processor both
+        if not self._closed:  # once, however often it is asked
             self._closed = True
             self.inner.shutdown()
 
