@@ -46,6 +46,19 @@ READABLE_CODINGS = ("gzip", "deflate")
 _PROXY_HEADER_PREFIX = "x-llmproxy-"
 
 
+def from_wire(names: list[bytes], values: list[bytes]) -> CIMultiDict[str]:
+    """Header fields as the HTTP parser hands them over, for either direction:
+    names are tokens (Latin-1 reads any byte), and values keep every byte
+    (``surrogateescape``), so that a value forwarded is the value received."""
+    return CIMultiDict(
+        zip(
+            [n.decode("latin-1") for n in names],
+            [v.decode("utf-8", "surrogateescape") for v in values],
+            strict=True,
+        )
+    )
+
+
 def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     values = headers.getall("connection", [])
     return frozenset(

@@ -28,6 +28,8 @@ from http import HTTPStatus
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .headers import from_wire
+
 log = logging.getLogger(__name__)
 
 _MAX_LINE = 8190  # as aiohttp, nginx and most servers
@@ -357,14 +359,7 @@ class _Connection(asyncio.Protocol):
         if version not in ("1.1", "1.0"):
             self._why = "unsupported HTTP version"
             raise _Refused
-        names = [n.decode("latin-1") for n in self._names]
-        headers: CIMultiDict[str] = CIMultiDict(
-            zip(
-                names,
-                [v.decode("utf-8", "surrogateescape") for v in self._values],
-                strict=True,
-            )
-        )
+        headers = from_wire(self._names, self._values)
         if len(headers.getall("host", ())) > 1:
             self._why = "two Host headers"
             raise _Refused

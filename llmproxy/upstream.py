@@ -37,6 +37,7 @@ from .errors import (
     UpstreamTimeoutError,
 )
 from .exchange import Exchange
+from .headers import from_wire
 
 # Idle pooled connections are closed after this long: most servers close theirs
 # after 60 s or more, so a reused connection is rarely one being closed.
@@ -407,13 +408,7 @@ class _Connection(asyncio.Protocol):
         self._reason = b""
         if 100 <= status < 200 and status != 101:
             return  # informational: the real answer follows on this connection
-        headers: CIMultiDict[str] = CIMultiDict(
-            zip(
-                [n.decode("latin-1") for n in names],
-                [v.decode("utf-8", "surrogateescape") for v in values],
-                strict=True,
-            )
-        )
+        headers = from_wire(names, values)
         self._in_body = True
         # Read now: llhttp resets what it knows once the message is complete.
         self._keep_alive = self.parser.should_keep_alive()

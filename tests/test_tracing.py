@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -476,6 +476,13 @@ def test_full_queue_drops_and_counts() -> None:
     assert len(exporter.exported) + tracer.dropped == 10
 
 
+def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait for the export thread to make ``condition`` true, or for ``within``."""
+    deadline = time.monotonic() + within
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 class BatchesExporter(SpanExporter):
     """Keeps the size of each batch it is given, and the spans."""
 
@@ -500,9 +507,7 @@ def test_export_thread_sends_full_batches_then_the_rest_at_shutdown() -> None:
         tracer.start(ex, {})
         add_attempt(tracer, ex, 0.0, 0.5)
         tracer.sink(ex)
-    deadline = time.monotonic() + 5
-    while sum(exporter.sizes) < 8 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: sum(exporter.sizes) >= 8)
     time.sleep(0.2)  # time enough for a wrong third, short, batch
     # What arrived during the first export went out as a full batch, and the
     # two spans left over wait for a batch to fill.
@@ -519,9 +524,7 @@ def test_export_thread_sends_what_is_queued_on_schedule() -> None:
     ex = chat_exchange()
     tracer.start(ex, {})
     tracer.sink(ex)
-    deadline = time.monotonic() + 5
-    while not exporter.sizes and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: bool(exporter.sizes))
     assert exporter.sizes == [1]
     tracer.shutdown()
 

@@ -18,7 +18,6 @@ import logging
 import math
 import sys
 import threading
-import time
 from collections import deque
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -27,16 +26,13 @@ import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..exchange import Exchange
+from . import PAUSE_EVERY, pause
 
 access_log = logging.getLogger("llmproxy.access")
 # aiohttp's own server logger for both listeners: see ``ProtocolErrorFilter``.
 protocol_log = logging.getLogger("llmproxy.http")
 _RESERVED = frozenset({"ts", "level", "logger", "event"})
 _BATCH = 512  # lines per write at most
-# Lines formatted between short pauses, in which an event loop sharing the core
-# gets the CPU and the interpreter (see LogWriter).
-PAUSE_EVERY = 32
-PAUSE_S = 0.0001
 FLUSH_EVERY = 0.1  # seconds between the writer's wake-ups
 
 
@@ -100,8 +96,8 @@ class LogWriter:
         self._pending.append(item)  # atomic: no lock, no wake-up
 
     def _pause(self) -> None:
-        if threading.current_thread() is self._thread:
-            time.sleep(PAUSE_S)
+        if threading.current_thread() is self._thread:  # not a caller of flush
+            pause()
 
     def stop(self) -> None:
         """Write what is queued, then end the thread."""

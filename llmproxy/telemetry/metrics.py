@@ -216,11 +216,12 @@ class Buckets:
 
 
 class _AttemptTallies:
-    """The histograms one upstream attempt of a GenAI operation observes."""
+    """The histograms one upstream attempt observes (``op_duration`` only when
+    the request is a GenAI operation)."""
 
     __slots__ = ("headers_time", "op_duration", "queue_wait")
 
-    def __init__(self, queue_wait: Buckets, op_duration: Buckets) -> None:
+    def __init__(self, queue_wait: Buckets, op_duration: Buckets | None) -> None:
         self.queue_wait = queue_wait
         self.op_duration = op_duration
         self.headers_time: Buckets | None = None
@@ -661,20 +662,17 @@ class Metrics:
         )
 
     def _attempt(self, ex: Exchange, attempt: Attempt, genai: tuple[str, ...]) -> None:
-        if ex.operation is None:
-            self._tally(self.queue_wait, attempt.upstream).observe(attempt.queue_wait)
-            if attempt.t_headers is not None:
-                self._tally(self.headers_time, attempt.upstream).observe(
-                    attempt.t_headers - attempt.started
-                )
-            return
-        labels = (*genai[:5], attempt.upstream)
-        key = (labels, attempt.error_type)
+        # The GenAI labels of an attempt: none when the request is no operation.
+        labels = None if ex.operation is None else (*genai[:5], attempt.upstream)
+        key = (attempt.upstream, labels, attempt.error_type)
         tallies = self._attempts.get(key)
         if tallies is None:
+            op_duration = None
+            if labels is not None:
+                error = attempt.error_type or ""
+                op_duration = self._tally(self.op_duration, *labels, error)
             tallies = self._attempts[key] = _AttemptTallies(
-                self._tally(self.queue_wait, attempt.upstream),
-                self._tally(self.op_duration, *labels, attempt.error_type or ""),
+                self._tally(self.queue_wait, attempt.upstream), op_duration
             )
         tallies.queue_wait.observe(attempt.queue_wait)
         if attempt.t_headers is not None:
@@ -684,8 +682,11 @@ class Metrics:
                     self.headers_time, attempt.upstream
                 )
             headers_time.observe(attempt.t_headers - attempt.started)
+        op_duration = tallies.op_duration
+        if op_duration is None or labels is None:  # not a GenAI operation
+            return
         ended = attempt.ended or ex.ended or attempt.started
-        tallies.op_duration.observe(ended - attempt.started)
+        op_duration.observe(ended - attempt.started)
         if attempt is ex.attempts[-1] and ex.stream:
             self._chunks(ex, attempt, labels)
 

@@ -111,14 +111,13 @@ def encode_spans_serialized(
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
     """The export request for ``spans``, equal to the SDK's ``encode_spans``."""
-    request: ExportTraceServiceRequest
-    if isinstance(spans, Encodable):
-        request = ExportTraceServiceRequest.FromString(spans.to_bytes())
-    elif any(span.events or span.links for span in spans):
-        request = sdk_encode_spans(spans)
-    else:
-        request = ExportTraceServiceRequest.FromString(encode_spans_bytes(spans))
-    return request
+    encoded = encode_spans_serialized(spans)
+    if isinstance(encoded, Serialized):
+        request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(
+            encoded
+        )
+        return request
+    return encoded
 
 
 def encode_spans_bytes(spans: Sequence[ReadableSpan]) -> bytes:
@@ -285,8 +284,8 @@ def attribute(key: str, value: Any) -> bytes | None:
     try:
         encoded = _PAIRS.get(pair)
     except TypeError:  # an unhashable value (a list): encoded every time
-        return _pair(key, value)
-    if encoded is None and (encoded := _pair(key, value)) is not None:
+        return fresh_attribute(key, value)
+    if encoded is None and (encoded := fresh_attribute(key, value)) is not None:
         if len(_PAIRS) >= _MAX_PAIRS:
             _PAIRS.clear()
         _PAIRS[pair] = encoded
@@ -318,10 +317,6 @@ def fresh_double(key: bytes, value: float) -> bytes:
 
 def fresh_attribute(key: str, value: Any) -> bytes | None:
     """As ``attribute``, for a value that never repeats: not kept."""
-    return _pair(key, value)
-
-
-def _pair(key: str, value: Any) -> bytes | None:
     try:
         return _message(9, _key_value(key, value))
     except TypeError:

@@ -1,7 +1,7 @@
 """The spans of one exchange: copied off it on the event loop, built in the export
 thread.
 
-``copy`` takes the few fields the spans need into one tuple, so that the
+``copy`` takes the few fields the spans need into one named tuple, so that the
 exchange (which holds bodies and headers) is never kept for the export queue,
 and the request path pays about a microsecond. In the export thread a
 ``SpanBatch`` of copies is what the exporter is given: iterated, it yields the
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from operator import attrgetter
 from random import getrandbits
-from typing import Any, overload
+from typing import NamedTuple, overload
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -33,79 +34,74 @@ from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from ..exchange import Exchange
-from . import otlp
+from ..exchange import Attempt, Exchange
+from . import PAUSE_EVERY, otlp
 
 MAX_ATTRIBUTE = 128
-PAUSE_EVERY = 32  # copies encoded between pauses: about half a millisecond
 MAX_PATH = 1024
 _ERROR = Status(StatusCode.ERROR)
 _UNSET = Status(StatusCode.UNSET)
 _FLAGS = {0x01: TraceFlags(0x01)}  # the flags of nearly every span
 
 Attributes = dict[str, AttributeValue]
-Copy = tuple[Any, ...]
-"""What ``copy`` takes of an exchange; only this module reads its fields."""
+
+
+class Copy(NamedTuple):
+    """What the spans need of one exchange: the exchange's attributes of these
+    names (its lists and attempts by reference: nothing changes them once the
+    exchange is recorded)."""
+
+    trace_id: int
+    span_id: int
+    parent_span_id: int
+    trace_flags: int
+    trace_state: str | None
+    started_wall: float
+    started: float
+    duration: float
+    ended: float | None
+    method: str
+    route: str | None
+    path: str
+    request_id: str
+    status: int
+    error_type: str | None
+    cache_result: str | None
+    prompt_fingerprint: str | None
+    tenant: str | None
+    prompt_version: str | None
+    operation: str | None
+    request_model: str | None
+    provider: str | None
+    stream: bool
+    response_model: str | None
+    response_id: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cached_input_tokens: int | None
+    cache_creation_input_tokens: int | None
+    reasoning_tokens: int | None
+    usage_source: str | None
+    finish_reasons: list[str]
+    t_first_token: float | None
+    attempts: list[Attempt]
+
+
+_TAKE = attrgetter(*Copy._fields)
 
 
 def copy(ex: Exchange) -> Copy:
-    """The fields of ``ex`` its spans are built from, in the order ``_Fields``
-    unpacks them."""
-    ended = ex.ended
-    return (
-        ex.trace_id,
-        ex.span_id,
-        ex.parent_span_id,
-        ex.trace_flags,
-        ex.trace_state,
-        ex.started_wall,
-        ex.started,
-        ex.duration,
-        ex.method,
-        ex.route,
-        ex.path,
-        ex.request_id,
-        ex.status,
-        ex.error_type,
-        ex.cache_result,
-        ex.prompt_fingerprint,
-        ex.tenant,
-        ex.prompt_version,
-        ex.operation,
-        ex.request_model,
-        ex.provider,
-        ex.stream,
-        ex.response_model,
-        ex.response_id,
-        (
-            ex.input_tokens,
-            ex.output_tokens,
-            ex.cached_input_tokens,
-            ex.cache_creation_input_tokens,
-            ex.reasoning_tokens,
-        ),
-        ex.usage_source,
-        tuple(ex.finish_reasons),
-        ex.t_first_token,
-        [
-            (
-                a.span_id or getrandbits(64) or 1,  # one never sent upstream
-                a.started,
-                a.ended if a.ended is not None else ended,
-                a.server_address,
-                a.server_port,
-                a.upstream,
-                a.status,
-                a.error_type,
-            )
-            for a in ex.attempts
-        ],
-    )
+    """What the spans of ``ex`` are built from, in one C call."""
+    for attempt in ex.attempts:
+        if not attempt.span_id:  # one never sent upstream
+            attempt.span_id = getrandbits(64) or 1
+    # tuple.__new__ rather than Copy._make: the same tuple, without its checks.
+    return tuple.__new__(Copy, _TAKE(ex))
 
 
 def count(copied: Copy) -> int:
     """How many spans ``copied`` makes."""
-    return 1 + len(copied[-1])
+    return 1 + len(copied.attempts)
 
 
 class SpanBatch(otlp.Encodable):
@@ -157,7 +153,7 @@ class SpanBatch(otlp.Encodable):
         for i, copied in enumerate(self.copies):
             if pause is not None and i and not i % PAUSE_EVERY:
                 pause()
-            if copied[4]:  # a trace state: rare, and TraceState normalises it
+            if copied.trace_state:  # rare, and TraceState normalises it
                 spans = readable(copied, self.resource, self.scope)
                 encoded += map(otlp.span_bytes, spans)
             else:
@@ -169,46 +165,48 @@ def readable(
     copied: Copy, resource: Resource, scope: InstrumentationScope
 ) -> list[ReadableSpan]:
     """The SERVER span and the CLIENT spans of one copied exchange."""
-    f = _Fields(copied)
-    trace_flags = _FLAGS.get(f.flags) or TraceFlags(f.flags)
-    trace_state = TraceState.from_header([f.state]) if f.state else None
-    server = SpanContext(f.trace_id, f.span_id, False, trace_flags, trace_state)
+    c = copied
+    trace_flags = _FLAGS.get(c.trace_flags) or TraceFlags(c.trace_flags)
+    trace_state = TraceState.from_header([c.trace_state]) if c.trace_state else None
+    server = SpanContext(c.trace_id, c.span_id, False, trace_flags, trace_state)
     parent = None
-    if f.parent_id:
-        parent = SpanContext(f.trace_id, f.parent_id, True, trace_flags, trace_state)
-    attribution = _attribution(f)
+    if c.parent_span_id:
+        parent = SpanContext(
+            c.trace_id, c.parent_span_id, True, trace_flags, trace_state
+        )
+    start_ns, end_ns = _times(c)
+    attribution = _attribution(c)
     spans = [
         ReadableSpan(
-            _server_name(f),
+            _server_name(c),
             context=server,
             parent=parent,
             resource=resource,
-            attributes=_as_dict(_server_attributes(f), attribution),
+            attributes=_as_dict(_server_attributes(c), attribution),
             kind=SpanKind.SERVER,
-            status=_ERROR if _server_failed(f) else _UNSET,
-            start_time=f.start_ns,
-            end_time=f.end_ns,
+            status=_ERROR if _server_failed(c) else _UNSET,
+            start_time=start_ns,
+            end_time=end_ns,
             instrumentation_scope=scope,
         )
     ]
-    last = len(f.attempts) - 1
-    for i, attempt in enumerate(f.attempts):
-        span_id, start_ns, end_ns = _attempt_times(f, attempt)
+    last = len(c.attempts) - 1
+    for i, attempt in enumerate(c.attempts):
         spans.append(
             ReadableSpan(
-                _client_name(f),
+                _client_name(c),
                 context=SpanContext(
-                    f.trace_id, span_id, False, trace_flags, trace_state
+                    c.trace_id, attempt.span_id, False, trace_flags, trace_state
                 ),
                 parent=server,
                 resource=resource,
                 attributes=_as_dict(
-                    _client_attributes(f, attempt, i == last), attribution
+                    _client_attributes(c, attempt, i == last), attribution
                 ),
                 kind=SpanKind.CLIENT,
-                status=_ERROR if attempt[7] else _UNSET,
-                start_time=start_ns,
-                end_time=end_ns,
+                status=_ERROR if attempt.error_type else _UNSET,
+                start_time=_at(c, start_ns, attempt.started),
+                end_time=_attempt_end(c, start_ns, end_ns, attempt),
                 instrumentation_scope=scope,
             )
         )
@@ -217,46 +215,50 @@ def readable(
 
 def _encode(copied: Copy) -> list[bytes]:
     """As ``readable`` and then ``otlp.span_bytes``, without the span objects."""
-    f = _Fields(copied)
-    trace_id, span_id, parent_id = f.trace_id, f.span_id, f.parent_id
+    c = copied
+    trace_id, span_id, parent_id = c.trace_id, c.span_id, c.parent_span_id
     high, low = trace_id >> 64, trace_id & _U64
-    attribution = _encoded_run(_attribution(f))
+    start_ns, end_ns = _times(c)
+    attribution = _encoded_run(_attribution(c))
     if parent_id:
         ids = _IDS_PARENT(
             _TRACE_TAG, high, low, _SPAN_TAG, span_id, _PARENT_TAG, parent_id
         )
     else:
         ids = _IDS(_TRACE_TAG, high, low, _SPAN_TAG, span_id)
-    run, fresh = _server_attributes(f)
+    run, fresh = _server_attributes(c)
     parts = [
         ids,
-        otlp.name_field(_server_name(f)),
+        otlp.name_field(_server_name(c)),
         _SERVER_KIND,
-        _TIMES(0x39, f.start_ns, 0x41, f.end_ns),
+        _TIMES(0x39, start_ns, 0x41, end_ns),
         _encoded_run(run),
         *_encoded_fresh(fresh),
         attribution,
-        _ERROR_FIELD if _server_failed(f) else _UNSET_FIELD,
+        _ERROR_FIELD if _server_failed(c) else _UNSET_FIELD,
         otlp.REMOTE_FLAGS if parent_id else otlp.LOCAL_FLAGS,
     ]
     spans = [b"".join(parts)]
 
-    name = otlp.name_field(_client_name(f))
-    last = len(f.attempts) - 1
-    for i, attempt in enumerate(f.attempts):
-        client_id, start_ns, end_ns = _attempt_times(f, attempt)
-        run, fresh = _client_attributes(f, attempt, i == last)
+    name = otlp.name_field(_client_name(c))
+    last = len(c.attempts) - 1
+    for i, attempt in enumerate(c.attempts):
+        run, fresh = _client_attributes(c, attempt, i == last)
+        times = (
+            _at(c, start_ns, attempt.started),
+            _attempt_end(c, start_ns, end_ns, attempt),
+        )
         parts = [
             _IDS_PARENT(
-                _TRACE_TAG, high, low, _SPAN_TAG, client_id, _PARENT_TAG, span_id
+                _TRACE_TAG, high, low, _SPAN_TAG, attempt.span_id, _PARENT_TAG, span_id
             ),
             name,
             _CLIENT_KIND,
-            _TIMES(0x39, start_ns, 0x41, end_ns),
+            _TIMES(0x39, times[0], 0x41, times[1]),
             _encoded_run(run),
             *_encoded_fresh(fresh),
             attribution,
-            _ERROR_FIELD if attempt[7] else _UNSET_FIELD,
+            _ERROR_FIELD if attempt.error_type else _UNSET_FIELD,
             otlp.LOCAL_FLAGS,
         ]
         spans.append(b"".join(parts))
@@ -278,86 +280,21 @@ _ERROR_FIELD = otlp.status_field(StatusCode.ERROR.value)
 _UNSET_FIELD = otlp.status_field(StatusCode.UNSET.value)
 
 
-class _Fields:
-    """A copy unpacked into names, with its times in nanoseconds since the epoch."""
-
-    __slots__ = (
-        "attempts",
-        "cache_result",
-        "end_ns",
-        "error_type",
-        "fingerprint",
-        "finish_reasons",
-        "flags",
-        "method",
-        "operation",
-        "parent_id",
-        "path",
-        "prompt_version",
-        "provider",
-        "request_id",
-        "request_model",
-        "response_id",
-        "response_model",
-        "route",
-        "span_id",
-        "start_ns",
-        "started",
-        "state",
-        "status",
-        "stream",
-        "t_first_token",
-        "tenant",
-        "trace_id",
-        "usage",
-        "usage_source",
-    )
-
-    def __init__(self, copied: Copy) -> None:
-        (
-            self.trace_id,
-            self.span_id,
-            self.parent_id,
-            self.flags,
-            self.state,
-            started_wall,
-            self.started,
-            duration,
-            self.method,
-            self.route,
-            self.path,
-            self.request_id,
-            self.status,
-            self.error_type,
-            self.cache_result,
-            self.fingerprint,
-            self.tenant,
-            self.prompt_version,
-            self.operation,
-            self.request_model,
-            self.provider,
-            self.stream,
-            self.response_model,
-            self.response_id,
-            self.usage,
-            self.usage_source,
-            self.finish_reasons,
-            self.t_first_token,
-            self.attempts,
-        ) = copied
-        self.start_ns = int(started_wall * 1e9)
-        self.end_ns = self.start_ns + int(duration * 1e9)
+def _times(c: Copy) -> tuple[int, int]:
+    """The exchange's start and end, in nanoseconds since the epoch."""
+    start_ns = int(c.started_wall * 1e9)
+    return start_ns, start_ns + int(c.duration * 1e9)
 
 
-def _attempt_times(f: _Fields, attempt: tuple[Any, ...]) -> tuple[int, int, int]:
-    """An attempt's span id, and its start and end in nanoseconds since the epoch."""
-    span_id, started, ended = attempt[0], attempt[1], attempt[2]
-    start_ns = f.start_ns + int((started - f.started) * 1e9)
-    if ended is None:
-        end_ns = f.end_ns
-    else:
-        end_ns = f.start_ns + int((ended - f.started) * 1e9)
-    return span_id, start_ns, end_ns
+def _at(c: Copy, start_ns: int, t: float) -> int:
+    """Monotonic time ``t`` of the exchange, in nanoseconds since the epoch."""
+    return start_ns + int((t - c.started) * 1e9)
+
+
+def _attempt_end(c: Copy, start_ns: int, end_ns: int, attempt: Attempt) -> int:
+    """An attempt ends when it ended, else when the exchange did."""
+    ended = attempt.ended if attempt.ended is not None else c.ended
+    return end_ns if ended is None else _at(c, start_ns, ended)
 
 
 # The attributes of each span, in the order they are written: first the ones
@@ -369,110 +306,110 @@ Pair = tuple[str, AttributeValue]
 SpanAttributes = tuple[tuple[Pair, ...], list[Pair]]
 
 
-def _server_name(f: _Fields) -> str:
-    return f"{f.method} {f.route or 'unrouted'}"
+def _server_name(c: Copy) -> str:
+    return f"{c.method} {c.route or 'unrouted'}"
 
 
-def _server_failed(f: _Fields) -> bool:
+def _server_failed(c: Copy) -> bool:
     # HTTP semconv: a 4xx is the client's doing, not a failure of the server span;
     # the CLIENT span of a rejected attempt still carries the error.
-    return bool(f.error_type) and not 400 <= f.status < 500
+    return bool(c.error_type) and not 400 <= c.status < 500
 
 
-def _server_attributes(f: _Fields) -> SpanAttributes:
+def _server_attributes(c: Copy) -> SpanAttributes:
     run: list[Pair] = [
-        (http_attributes.HTTP_REQUEST_METHOD, f.method),
-        (url_attributes.URL_PATH, f.path[:MAX_PATH]),
+        (http_attributes.HTTP_REQUEST_METHOD, c.method),
+        (url_attributes.URL_PATH, c.path[:MAX_PATH]),
     ]
-    if f.route:
-        run += ((http_attributes.HTTP_ROUTE, f.route), ("llmproxy.route", f.route))
-    if f.status:
-        run.append((http_attributes.HTTP_RESPONSE_STATUS_CODE, f.status))
-    if f.error_type:
-        run.append((error_attributes.ERROR_TYPE, f.error_type))
-    if f.cache_result:
-        run.append(("llmproxy.cache", f.cache_result))
-    return tuple(run), [(_REQUEST_ID, f.request_id)]
+    if c.route:
+        run += ((http_attributes.HTTP_ROUTE, c.route), ("llmproxy.route", c.route))
+    if c.status:
+        run.append((http_attributes.HTTP_RESPONSE_STATUS_CODE, c.status))
+    if c.error_type:
+        run.append((error_attributes.ERROR_TYPE, c.error_type))
+    if c.cache_result:
+        run.append(("llmproxy.cache", c.cache_result))
+    return tuple(run), [(_REQUEST_ID, c.request_id)]
 
 
-def _attribution(f: _Fields) -> tuple[Pair, ...]:
+def _attribution(c: Copy) -> tuple[Pair, ...]:
     """The attributes of both spans that say whose request it was."""
     run: list[Pair] = []
-    if f.fingerprint:
-        run.append(("llmproxy.prompt.fingerprint", f.fingerprint))
+    if c.prompt_fingerprint:
+        run.append(("llmproxy.prompt.fingerprint", c.prompt_fingerprint))
     # The values the proxy checked at the boundary, never the raw headers: the
     # only request headers that reach a span, and credentials never do.
-    if f.tenant:
-        run.append(("llmproxy.tenant", f.tenant[:MAX_ATTRIBUTE]))
-    if f.prompt_version:
-        run.append(("llmproxy.prompt.version", f.prompt_version[:MAX_ATTRIBUTE]))
+    if c.tenant:
+        run.append(("llmproxy.tenant", c.tenant[:MAX_ATTRIBUTE]))
+    if c.prompt_version:
+        run.append(("llmproxy.prompt.version", c.prompt_version[:MAX_ATTRIBUTE]))
     return tuple(run)
 
 
-def _client_name(f: _Fields) -> str:
-    if not f.operation:
-        return str(f.method)
-    if f.request_model:
-        return f"{f.operation} {f.request_model}"
-    return str(f.operation)
+def _client_name(c: Copy) -> str:
+    if not c.operation:
+        return str(c.method)
+    if c.request_model:
+        return f"{c.operation} {c.request_model}"
+    return str(c.operation)
 
 
-def _client_attributes(
-    f: _Fields, attempt: tuple[Any, ...], last: bool
-) -> SpanAttributes:
-    _, started, _, address, port, upstream, status, error_type = attempt
+def _client_attributes(c: Copy, attempt: Attempt, last: bool) -> SpanAttributes:
+    status, error_type = attempt.status, attempt.error_type
     run: list[Pair] = [
-        (server_attributes.SERVER_ADDRESS, address),
-        (server_attributes.SERVER_PORT, port),
-        ("llmproxy.upstream", upstream),
+        (server_attributes.SERVER_ADDRESS, attempt.server_address),
+        (server_attributes.SERVER_PORT, attempt.server_port),
+        ("llmproxy.upstream", attempt.upstream),
     ]
-    fresh: list[Pair] = [(_REQUEST_ID, f.request_id)]
-    if f.route:
-        run.append(("llmproxy.route", f.route))
+    fresh: list[Pair] = [(_REQUEST_ID, c.request_id)]
+    if c.route:
+        run.append(("llmproxy.route", c.route))
     if status:
         run.append((http_attributes.HTTP_RESPONSE_STATUS_CODE, status))
     if error_type:
         run.append((error_attributes.ERROR_TYPE, error_type))
-    if not f.operation:
-        run.append((http_attributes.HTTP_REQUEST_METHOD, f.method))
+    if not c.operation:
+        run.append((http_attributes.HTTP_REQUEST_METHOD, c.method))
         return tuple(run), fresh
 
     run += (
-        (gen_ai.GEN_AI_OPERATION_NAME, f.operation),
-        (gen_ai.GEN_AI_REQUEST_STREAM, f.stream),
+        (gen_ai.GEN_AI_OPERATION_NAME, c.operation),
+        (gen_ai.GEN_AI_REQUEST_STREAM, c.stream),
     )
-    if f.provider:
-        run.append((gen_ai.GEN_AI_PROVIDER_NAME, f.provider))
-    if f.request_model:
-        run.append((gen_ai.GEN_AI_REQUEST_MODEL, f.request_model))
+    if c.provider:
+        run.append((gen_ai.GEN_AI_PROVIDER_NAME, c.provider))
+    if c.request_model:
+        run.append((gen_ai.GEN_AI_REQUEST_MODEL, c.request_model))
     if not last:  # only the attempt whose response the client got has the rest
         return tuple(run), fresh
 
-    if f.response_model is not None:
-        run.append((gen_ai.GEN_AI_RESPONSE_MODEL, f.response_model))
-    if f.usage_source is not None:
-        run.append(("llmproxy.usage_source", f.usage_source))
-    if f.finish_reasons:
-        run.append((gen_ai.GEN_AI_RESPONSE_FINISH_REASONS, f.finish_reasons))
-    if f.response_id is not None:
-        fresh.append((gen_ai.GEN_AI_RESPONSE_ID, f.response_id))
-    for key, value in zip(_USAGE_KEYS, f.usage, strict=True):
+    if c.response_model is not None:
+        run.append((gen_ai.GEN_AI_RESPONSE_MODEL, c.response_model))
+    if c.usage_source is not None:
+        run.append(("llmproxy.usage_source", c.usage_source))
+    if c.finish_reasons:
+        finish_reasons = tuple(c.finish_reasons)  # a tuple: runs are dict keys
+        run.append((gen_ai.GEN_AI_RESPONSE_FINISH_REASONS, finish_reasons))
+    if c.response_id is not None:
+        fresh.append((gen_ai.GEN_AI_RESPONSE_ID, c.response_id))
+    for key, field in _USAGE:
+        value = getattr(c, field)
         if value is not None:
             fresh.append((key, value))
-    if f.stream and f.t_first_token is not None:
-        ttfc = f.t_first_token - started
+    if c.stream and c.t_first_token is not None:
+        ttfc = c.t_first_token - attempt.started
         fresh.append((gen_ai.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, ttfc))
     return tuple(run), fresh
 
 
 _REQUEST_ID = "llmproxy.request_id"
-# The usage counts of a copy, in order: the keys they are written under.
-_USAGE_KEYS = (
-    gen_ai.GEN_AI_USAGE_INPUT_TOKENS,
-    gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS,
-    gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
-    gen_ai.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
-    gen_ai.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
+# (attribute key, field of the copy) of the usage counts, in the order written.
+_USAGE = (
+    (gen_ai.GEN_AI_USAGE_INPUT_TOKENS, "input_tokens"),
+    (gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS, "output_tokens"),
+    (gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, "cached_input_tokens"),
+    (gen_ai.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, "cache_creation_input_tokens"),
+    (gen_ai.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning_tokens"),
 )
 _FRESH_KEYS: dict[str, bytes] = {}
 # Encoded runs of attributes by the run itself; only the export thread uses it.
@@ -495,18 +432,19 @@ def _encoded_fresh(pairs: list[Pair]) -> list[bytes]:
     out = []
     for key, value in pairs:
         if value.__class__ is str:
-            field = _FRESH_KEYS.get(key)
-            if field is None:
-                field = _FRESH_KEYS[key] = otlp.key_field(key)
-            out.append(otlp.fresh_string(field, value))
+            out.append(otlp.fresh_string(_key_field(key), value))
         elif value.__class__ is float:
-            field = _FRESH_KEYS.get(key)
-            if field is None:
-                field = _FRESH_KEYS[key] = otlp.key_field(key)
-            out.append(otlp.fresh_double(field, value))
+            out.append(otlp.fresh_double(_key_field(key), value))
         else:  # token counts: they repeat enough to be worth keeping
             out.append(otlp.attribute(key, value) or b"")
     return out
+
+
+def _key_field(key: str) -> bytes:
+    field = _FRESH_KEYS.get(key)
+    if field is None:
+        field = _FRESH_KEYS[key] = otlp.key_field(key)
+    return field
 
 
 def _as_dict(attributes: SpanAttributes, attribution: tuple[Pair, ...]) -> Attributes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from random import getrandbits
@@ -31,12 +30,11 @@ from ..errors import ConfigError
 from ..exchange import Attempt, Exchange
 from ..tracecontext import header_values as _header_values
 from ..tracecontext import traceparent as _traceparent
-from . import otlp, spans
+from . import otlp, pause, spans
 
 log = logging.getLogger(__name__)
 
 _SAMPLED = 0x01
-PAUSE_S = 0.0001
 _SCOPE = InstrumentationScope("llmproxy", __version__)
 
 
@@ -242,14 +240,8 @@ class Tracer:
                     log.exception("tracing.export_failed")
 
     def _export(self, batch: list[spans.Copy]) -> None:
-        pause = None if self._thread is None else _let_the_loop_in
-        self._exporter.export(spans.SpanBatch(batch, self.resource, _SCOPE, pause))
-
-
-def _let_the_loop_in() -> None:
-    """Block for a moment, so that an event loop on the same core gets the CPU and
-    the interpreter now rather than when the scheduler takes this thread off."""
-    time.sleep(PAUSE_S)
+        paused = None if self._thread is None else pause
+        self._exporter.export(spans.SpanBatch(batch, self.resource, _SCOPE, paused))
 
 
 class _CountingExporter(SpanExporter):
